@@ -1,0 +1,1 @@
+"""caip-jax: Contrastive Action-Image Pre-training for visuomotor control, in JAX/Flax."""

@@ -1,0 +1,42 @@
+"""Default run configuration. The files in configs/ start from here and set what differs."""
+import math
+
+import ml_collections
+
+
+def model_config(variant: str = "L/16") -> ml_collections.ConfigDict:
+    """The `model` part of a run config: SigLIP 2 towers of `variant`, the paper's action tower."""
+    return ml_collections.ConfigDict(
+        dict(
+            # Image and text tower size and patch, in big_vision's names ('B/16', 'L/16',
+            # 'So400m/16'); both towers share it, as in SigLIP 2.
+            variant=variant,
+            # Explicit tower sizes override the variant's (None: the variant's value).
+            width=ml_collections.FieldReference(None, field_type=int),
+            depth=ml_collections.FieldReference(None, field_type=int),
+            mlp_dim=ml_collections.FieldReference(None, field_type=int),
+            num_heads=ml_collections.FieldReference(None, field_type=int),
+            image_size=256,
+            # SigLIP 2's Gemma tokenizer: 256k ids, 64 tokens, pad id 0.
+            text=dict(vocab_size=256_000, length=64, pad_id=0),
+            # T = 64 future steps at 30 Hz; a lightweight 4-layer transformer with a [CLS] token.
+            action=dict(horizon=64, width=512, depth=4, mlp_dim=2048, num_heads=8),
+            # Both pooling stages; None: the tower's head count and MLP width.
+            pool=dict(
+                num_heads=ml_collections.FieldReference(None, field_type=int),
+                mlp_dim=ml_collections.FieldReference(None, field_type=int),
+            ),
+            dtype="bfloat16",  # compute dtype; parameters are always float32
+            remat_policy="none",  # one of caip_jax.models.common.REMAT_POLICIES
+            t_init=math.log(10.0),  # log temperature of the sigmoid loss
+            b_init=-10.0,
+        )
+    )
+
+
+def base_config(variant: str = "L/16") -> ml_collections.ConfigDict:
+    """A full run config for `variant`."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = model_config(variant)
+    return config

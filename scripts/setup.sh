@@ -1,0 +1,16 @@
+# Sourced by demo.sh and test.sh: makes .venv with every pinned dependency (once per change of
+# constraints.txt or setup.py), then activates it. Needs only python3 with pip and venv.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+stamp="$venv/.installed-$(cat "$root/constraints.txt" "$root/setup.py" | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  echo "Installing caip-jax and its pinned dependencies into $venv (about a minute)..."
+  python3 -m venv "$venv"
+  # torch first, pinned: the CPU build, so that nothing pulls a multi-GB CUDA build.
+  "$venv/bin/python" -m pip install -q -c "$root/constraints.txt" torch
+  "$venv/bin/python" -m pip install -q -c "$root/constraints.txt" -e "$root[test]"
+  touch "$stamp"
+fi
+source "$venv/bin/activate"
+cd "$root"

@@ -1,0 +1,31 @@
+"""caip-jax: Contrastive Action-Image Pre-training in JAX/Flax.
+
+Versions that work together are pinned in constraints.txt; install with
+`pip install -c constraints.txt -e '.[test]'` (see README.md).
+"""
+import setuptools
+
+setuptools.setup(
+    name="caip_jax",
+    version="0.1.0",
+    description="Contrastive Action-Image Pre-training (CAIP) for visuomotor control, in JAX/Flax",
+    packages=setuptools.find_packages(include=["caip_jax", "caip_jax.*", "tools"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "absl-py",
+        "flax",
+        "jax",
+        "ml-collections",
+        "numpy",
+        "optax",
+        "safetensors",
+        "torch",
+        "transformers",
+    ],
+    extras_require={"test": ["pytest", "pytest-xdist"]},
+    entry_points={
+        "console_scripts": [
+            "caip-model-info=tools.model_info:run",
+        ],
+    },
+)

@@ -1,0 +1,104 @@
+"""The image and text towers and the pooling against Hugging Face / PyTorch references."""
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import traverse_util
+from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+
+import tiny
+from caip_jax.init import siglip2
+from caip_jax.models import CAIP, dummy_inputs, model_from_config
+from caip_jax.models.caip import TextConditionedPool
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def hf_and_caip():
+    """A randomised tiny HF SiglipModel and the CAIP params that hold its weights."""
+    hf = transformers.SiglipModel(tiny.hf_siglip_config()).eval()
+    tiny.randomize_(hf, seed=0)
+    config = tiny.tiny_model_config()
+    model = model_from_config(config)
+    params = nn.unbox(model.init(jax.random.key(0), **dummy_inputs(config))["params"])
+    flat = siglip2.from_hf_state_dict(tiny.state_dict_numpy(hf), num_heads=tiny.HEADS)
+    return hf, model, siglip2.replace_towers(params, flat)
+
+
+def test_towers_match_hf_siglip(hf_and_caip):
+    hf, model, params = hf_and_caip
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE, 3)).astype(np.float32)
+    text = rng.integers(1, tiny.VOCAB, (3, tiny.TEXT_LEN)).astype(np.int32)
+    text[1, 5:] = 0  # padded, as SigLIP 2 pads: the towers see the pads (no mask)
+    ours = model.apply({"params": params}, image, text, method=CAIP.encode_image_text)
+
+    with torch.no_grad():
+        vision = hf.vision_model(pixel_values=torch.from_numpy(image.transpose(0, 3, 1, 2)))
+        text_out = hf.text_model(input_ids=torch.from_numpy(text).long())
+
+    for name, reference in (
+        ("patch_features", vision.last_hidden_state),
+        ("image_map", vision.pooler_output),
+        ("text_tokens", text_out.last_hidden_state),
+        ("text_pooled", text_out.pooler_output),
+    ):
+        np.testing.assert_allclose(np.asarray(ours[name]), reference.numpy(), err_msg=name, **TOL)
+        assert np.abs(reference.numpy()).max() > 0.1, f"{name}: a degenerate reference proves nothing"
+    np.testing.assert_allclose(params["t"], hf.logit_scale.item(), rtol=1e-6)
+    np.testing.assert_allclose(params["b"], hf.logit_bias.item(), rtol=1e-6)
+
+
+def test_pooling_matches_torch_attention_pooling():
+    """Stage 1 is HF's MAP head structure with text tokens as queries; stage 2 is that structure
+    with its probe, keys at padded text positions masked (torch's key_padding_mask)."""
+    vision_config = tiny.hf_siglip_config().vision_config
+    heads = [SiglipMultiheadAttentionPoolingHead(vision_config) for _ in range(2)]
+    for seed, head in enumerate(heads):
+        tiny.randomize_(head, seed=seed + 1)
+    flat = {}
+    for head, name in zip(heads, ("CrossAttentionPool_0", "MAPHead_0")):
+        state = {f"vision_model.head.{k}": v for k, v in tiny.state_dict_numpy(head).items()}
+        for key, value in siglip2.from_hf_state_dict(state, tiny.HEADS).items():
+            if name == "MAPHead_0" or not key.endswith("probe"):
+                flat[key.replace("img/MAPHead_0/", f"{name}/")] = value
+    params = traverse_util.unflatten_dict(flat, sep="/")
+
+    rng = np.random.default_rng(1)
+    patches = rng.normal(size=(2, 16, tiny.WIDTH)).astype(np.float32)
+    text_tokens = rng.normal(size=(2, 6, tiny.WIDTH)).astype(np.float32)
+    text_mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], bool)
+    pool = TextConditionedPool(tiny.HEADS, tiny.MLP_DIM)
+    pooled, stage1, stage2 = pool.apply({"params": params}, patches, text_tokens, text_mask)
+
+    def torch_pool(head, queries, tokens, ignore=None):
+        x, w = head.attention(
+            queries, tokens, tokens, key_padding_mask=ignore, average_attn_weights=False
+        )
+        return x + head.mlp(head.layernorm(x)), w
+
+    with torch.no_grad():
+        per_token, w1 = torch_pool(heads[0], torch.from_numpy(text_tokens), torch.from_numpy(patches))
+        probe = heads[1].probe.expand(2, 1, -1)
+        ref, w2 = torch_pool(heads[1], probe, per_token, ignore=torch.from_numpy(~text_mask))
+    np.testing.assert_allclose(pooled, ref[:, 0].numpy(), **TOL)
+    np.testing.assert_allclose(stage1, w1.numpy(), **TOL)
+    np.testing.assert_allclose(stage2, w2[:, :, 0].numpy(), **TOL)
+
+
+def test_import_refuses_unknown_and_missing_tensors(hf_and_caip):
+    hf, _, params = hf_and_caip
+    state = tiny.state_dict_numpy(hf)
+    with pytest.raises(ValueError, match="vision_model.extra.weight"):
+        siglip2.from_hf_state_dict({**state, "vision_model.extra.weight": np.zeros(3)}, tiny.HEADS)
+    flat = siglip2.from_hf_state_dict(state, tiny.HEADS)
+    del flat["txt/head/bias"]
+    with pytest.raises(ValueError, match="missing from the checkpoint: \\['txt/head/bias'\\]"):
+        siglip2.replace_towers(params, flat)
+    flat = siglip2.from_hf_state_dict(state, tiny.HEADS)
+    flat["img/pos_embedding"] = np.zeros((1, 4, tiny.WIDTH), np.float32)
+    with pytest.raises(ValueError, match="img/pos_embedding: checkpoint \\(1, 4, 32\\)"):
+        siglip2.replace_towers(params, flat)

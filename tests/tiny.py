@@ -1,0 +1,45 @@
+"""Tiny configurations and reference models built inside the tests (nothing is downloaded)."""
+import numpy as np
+import torch
+import transformers
+
+from caip_jax import config as caip_config
+
+WIDTH, DEPTH, MLP_DIM, HEADS, PATCH, IMAGE_SIZE = 32, 2, 64, 4, 8, 32
+VOCAB, TEXT_LEN = 100, 16
+
+
+def tiny_model_config():
+    """A CAIP model config small enough for CPU tests, in float32."""
+    c = caip_config.model_config(f"mu/{PATCH}")
+    c.width, c.depth, c.mlp_dim, c.num_heads = WIDTH, DEPTH, MLP_DIM, HEADS
+    c.image_size = IMAGE_SIZE
+    c.text.vocab_size, c.text.length = VOCAB, TEXT_LEN
+    c.action.update(horizon=8, width=24, depth=2, mlp_dim=48, num_heads=3)
+    c.dtype = "float32"
+    return c
+
+
+def hf_siglip_config(**tower):
+    """A `SiglipConfig` whose towers have the given size (default: the tiny config's)."""
+    size = dict(
+        hidden_size=WIDTH, intermediate_size=MLP_DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS
+    )
+    size.update(tower)
+    vision = dict(size, image_size=IMAGE_SIZE, patch_size=PATCH)
+    text = dict(size, vocab_size=VOCAB, max_position_embeddings=TEXT_LEN)
+    return transformers.SiglipConfig(text_config=text, vision_config=vision)
+
+
+def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.3):
+    """Overwrites every parameter with N(0, scale^2) noise (LayerNorm scales around 1), so that
+    a bias, scale or transpose mapped wrongly cannot hide behind a default initialisation."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * scale
+            p.copy_(noise + 1.0 if "norm" in name and name.endswith("weight") else noise)
+
+
+def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy() for k, v in module.state_dict().items()}

@@ -1,0 +1,1 @@
+"""Thin command-line entry points: flags in, library calls out."""
