@@ -9,10 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caip_jax.data.schema import NUM_HANDS, NUM_KEYPOINTS
 from caip_jax.models import common
 
-NUM_HANDS = 2  # 0 = left, 1 = right
-NUM_KEYPOINTS = 21  # MANO order: wrist, then thumb, index, middle, ring, little (4 each)
 FEATURES_PER_KEYPOINT = 9  # translation delta (3, metres), then 6D rotation (2 columns)
 
 
