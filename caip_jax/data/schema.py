@@ -27,6 +27,7 @@ import numpy as np
 
 NUM_HANDS = 2
 NUM_KEYPOINTS = 21
+FEATURES_PER_KEYPOINT = 9  # an action step per keypoint: translation delta (3, metres), 6D rotation (6)
 HANDS = ("left", "right")
 FINGERS = ("thumb", "index", "middle", "ring", "little")
 KEYPOINT_NAMES = ("wrist",) + tuple(f"{finger}_{i}" for finger in FINGERS for i in range(1, 5))

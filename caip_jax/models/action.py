@@ -9,10 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caip_jax.data.schema import NUM_HANDS, NUM_KEYPOINTS
+from caip_jax.data.schema import FEATURES_PER_KEYPOINT, NUM_HANDS, NUM_KEYPOINTS
 from caip_jax.models import common
 
-FEATURES_PER_KEYPOINT = 9  # translation delta (3, metres), then 6D rotation (2 columns)
 
 
 class ActionTransformer(nn.Module):

@@ -11,12 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from caip_jax.models import common
-from caip_jax.models.action import (
-    FEATURES_PER_KEYPOINT,
-    NUM_HANDS,
-    NUM_KEYPOINTS,
-    ActionTransformer,
-)
+from caip_jax.data.schema import FEATURES_PER_KEYPOINT, NUM_HANDS, NUM_KEYPOINTS
+from caip_jax.models.action import ActionTransformer
 from caip_jax.models.text import TextTransformer
 from caip_jax.models.vit import ViT, decode_variant
 
