@@ -19,6 +19,7 @@ setuptools.setup(
         "flax",
         "grain",
         "h5py",
+        "importlib_resources",  # tensorflow-datasets needs it without TensorFlow
         "jax",
         "ml-collections",
         "numpy",

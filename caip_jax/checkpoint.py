@@ -1,0 +1,124 @@
+"""Orbax checkpoints of a CAIP run: `params`, `opt_state`, the data iterator (`data`) and the
+resolved `config`, one orbax item each, under WORKDIR/checkpoints/<step>/.
+
+Items are separate so that readers take only what they need: the PyTorch export and the
+evaluation restore `params` alone, and a checkpoint written by `caip-import-siglip2` (step 0,
+params and config only) is a valid start for `caip-train`, which then creates the optimizer
+state. Every process of a multi-host run calls the same methods; orbax coordinates the writes.
+"""
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+from etils import epath
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+PyTree = Any
+ITEMS = {"params", "opt_state", "data", "config"}
+
+
+def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+class Checkpoints:
+    """Saves and restores the items of a run under `workdir`/checkpoints, keeping the last `keep`."""
+
+    def __init__(self, workdir: str, keep: int = 3, asynchronous: bool = True):
+        if "://" not in workdir:  # gs:// and other remote paths are absolute already
+            workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(workdir, "checkpoints")
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=preservation_policy.LatestN(keep),
+                enable_async_checkpointing=asynchronous,
+                create=True,
+            ),
+            item_handlers=dict(
+                params=ocp.StandardCheckpointHandler(),
+                opt_state=ocp.StandardCheckpointHandler(),
+                data=grain.checkpoint.CheckpointHandler(),
+                config=ocp.JsonCheckpointHandler(),
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def items(self, step: int) -> set[str]:
+        """The items stored at `step`."""
+        return {p.name for p in (epath.Path(self.directory) / str(step)).iterdir()} & ITEMS
+
+    def _check_shapes(self, step: int, item: str, abstract: PyTree) -> None:
+        """Names every array whose shape differs between the checkpoint and `abstract`, before
+        orbax would fail with a storage-level message."""
+        stored = _shapes(self._manager.item_metadata(step)[item].tree)
+        wanted = _shapes(abstract)
+        problems = [f"missing from the checkpoint: {k}" for k in wanted if k not in stored]
+        problems += [f"not in the model: {k}" for k in stored if k not in wanted]
+        problems += [
+            f"{k}: checkpoint {stored[k]} vs model {shape}"
+            for k, shape in wanted.items()
+            if k in stored and stored[k] != shape
+        ]
+        if problems:
+            raise ValueError(
+                f"The {item} of checkpoint step {step} in {self.directory} do not fit the config "
+                f"(was it written with another model config?): " + "; ".join(problems)
+            )
+
+    def save(
+        self,
+        step: int,
+        params: PyTree,
+        opt_state: PyTree | None = None,
+        data_iterator: Any = None,
+        config: ml_collections.ConfigDict | None = None,
+    ) -> None:
+        """Starts saving (asynchronously unless disabled); `wait` blocks until it is on disk."""
+        args = dict(params=ocp.args.StandardSave(params))
+        if opt_state is not None:
+            args["opt_state"] = ocp.args.StandardSave(opt_state)
+        if data_iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            args["config"] = ocp.args.JsonSave(config.to_dict())
+        self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def restore(
+        self,
+        step: int,
+        abstract_params: PyTree,
+        abstract_opt_state: PyTree | None = None,
+        data_iterator: Any = None,
+    ) -> dict[str, Any]:
+        """Restores `params` (and `opt_state`, and the iterator in place, when given) at `step`.
+
+        The abstract trees (jax.ShapeDtypeStruct with shardings, e.g. from `jax.eval_shape`)
+        say where each array goes: a checkpoint restores onto any mesh. A tree whose shapes
+        differ from the checkpoint's is refused by orbax, naming the array.
+        """
+        stored = self.items(step)
+        self._check_shapes(step, "params", abstract_params)
+        args = dict(params=ocp.args.StandardRestore(abstract_params))
+        if abstract_opt_state is not None and "opt_state" in stored:
+            args["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        if data_iterator is not None and "data" in stored:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        return {name: restored[name] for name in args}
+
+    def restore_config(self, step: int) -> ml_collections.ConfigDict:
+        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return ml_collections.ConfigDict(restored["config"])
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
