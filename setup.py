@@ -38,6 +38,7 @@ setuptools.setup(
     extras_require={"test": ["pytest", "pytest-xdist"]},
     entry_points={
         "console_scripts": [
+            "caip-make-records=tools.make_records:run",
             "caip-model-info=tools.model_info:run",
         ],
     },

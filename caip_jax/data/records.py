@@ -20,19 +20,40 @@ import glob
 import json
 import os
 
+import msgpack
 import numpy as np
 from array_record.python import array_record_module
-from flax import serialization
 
 SHARD_PATTERN = "records-{index:05d}-of-{count:05d}.array_record"
 
 
+_NDARRAY = 1  # msgpack extension type of a numpy array: dtype, shape and raw bytes
+
+
+def _pack_array(value):
+    if isinstance(value, np.ndarray):
+        header = msgpack.packb((value.dtype.str, value.shape))
+        return msgpack.ExtType(_NDARRAY, header + np.ascontiguousarray(value).tobytes())
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in a record")
+
+
+def _unpack_array(code: int, data: bytes):
+    unpacker = msgpack.Unpacker(use_list=False)
+    unpacker.feed(data)
+    dtype, shape = unpacker.unpack()
+    return np.frombuffer(data, dtype, offset=unpacker.tell()).reshape(shape)
+
+
 def encode(sample: dict) -> bytes:
-    return serialization.msgpack_serialize(sample)
+    """A sample (str keys; str, bytes, int, float, numpy arrays, nested maps) -> msgpack bytes.
+    Plain msgpack rather than flax's, so that data workers never import JAX."""
+    return msgpack.packb(sample, default=_pack_array)
 
 
 def decode(record: bytes) -> dict:
-    return serialization.msgpack_restore(record)
+    return msgpack.unpackb(record, ext_hook=_unpack_array)
 
 
 def shard_paths(directory: str) -> list[str]:
@@ -44,6 +65,15 @@ def shard_paths(directory: str) -> list[str]:
             "make them with caip-make-records"
         )
     return paths
+
+
+def read_shard(path: str) -> list[bytes]:
+    """Every record of one shard, in order (for tools and tests; training reads through grain)."""
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+        return reader.read_all()
+    finally:
+        reader.close()
 
 
 class ShardWriter:
@@ -58,15 +88,11 @@ class ShardWriter:
             )
             for i in range(count)
         ]
-        self.records = 0
-        self.bytes = 0
 
     def write_episode(self, episode_number: int, records: list[bytes]) -> None:
         writer = self._writers[episode_number % len(self._writers)]
         for record in records:
             writer.write(record)
-        self.records += len(records)
-        self.bytes += sum(len(r) for r in records)
 
     def close(self) -> None:
         for writer in self._writers:

@@ -21,6 +21,7 @@ end-effector pose puts it in the wrist slot and marks the hand valid; its other 
 the wrist pose.
 """
 import dataclasses
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -40,9 +41,14 @@ class EpisodeError(ValueError):
 
 
 class Frames(Protocol):
-    """Random access to an episode's video frames."""
+    """Access to an episode's video frames."""
 
     def __len__(self) -> int: ...
+
+    def iterate(self, indices: np.ndarray) -> Iterator[np.ndarray]:
+        """Frames at sorted `indices`, one [H, W, 3] uint8 RGB array at a time, so that a long
+        high-resolution episode never sits in memory whole."""
+        ...
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         """Frames at sorted `indices` -> [k, H, W, 3] uint8 RGB."""
@@ -57,6 +63,9 @@ class ArrayFrames:
 
     def __len__(self) -> int:
         return len(self.array)
+
+    def iterate(self, indices: np.ndarray) -> Iterator[np.ndarray]:
+        return iter(self.array[np.asarray(indices)])
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         return self.array[np.asarray(indices)]

@@ -1,5 +1,6 @@
 """Frames from video files (PyAV), read lazily: a 1080p episode never sits in memory whole."""
 import dataclasses
+from collections.abc import Iterator
 
 import av
 import numpy as np
@@ -22,30 +23,35 @@ class VideoFrames:
     def __len__(self) -> int:
         return self.count
 
-    def read(self, indices: np.ndarray) -> np.ndarray:
-        """Frames at sorted episode-relative `indices` -> [k, H, W, 3] uint8 RGB, decoding once
-        from the start of the episode to its last wanted frame."""
+    def iterate(self, indices: np.ndarray) -> Iterator[np.ndarray]:
+        """Frames at sorted episode-relative `indices`, [H, W, 3] uint8 RGB each, decoding once
+        from the start of the file to the last wanted frame."""
         indices = np.asarray(indices)
-        if len(indices) and (indices.min() < 0 or indices.max() >= self.count):
+        if not len(indices):
+            return
+        if indices.min() < 0 or indices.max() >= self.count:
             raise IndexError(f"{self.path}: frames {indices.min()}..{indices.max()} outside 0..{self.count - 1}")
-        wanted = {int(self.first + i): k for k, i in enumerate(indices)}
-        out = [None] * len(indices)
-        last = max(wanted, default=-1)
+        wanted = iter(self.first + indices)
+        target = next(wanted)
         try:
             with av.open(self.path) as container:
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
                 for position, frame in enumerate(container.decode(stream)):
-                    if position in wanted:
-                        out[wanted[position]] = frame.to_ndarray(format="rgb24")
-                    if position >= last:
-                        break
+                    if position < target:
+                        continue
+                    image = frame.to_ndarray(format="rgb24")
+                    while position == target:  # a frame wanted twice is yielded twice
+                        yield image
+                        target = next(wanted, None)
+                        if target is None:
+                            return
         except av.error.FFmpegError as error:
             raise EpisodeError(f"{self.path}: cannot decode video: {error}") from error
-        missing = [int(indices[k]) for k, frame in enumerate(out) if frame is None]
-        if missing:
-            raise EpisodeError(f"{self.path}: video ends before frames {missing[:5]} (of {self.count})")
-        return np.stack(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
+        raise EpisodeError(f"{self.path}: video ends before frame {target - self.first} (of {self.count})")
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        return np.stack(list(self.iterate(indices)))
 
 
 def count_frames(path: str) -> int:

@@ -1,0 +1,196 @@
+"""The grain input pipeline: record sets -> batches of {image, text, action, action_mask}.
+
+The order of samples is a function of the seed and the records only. The global stream is a
+seeded shuffle of all records, reshuffled every epoch; global batch k is samples
+[k B, (k + 1) B) of it. Process p of P takes rows [p B/P, (p + 1) B/P) of every global batch, by
+slicing grain's random-access dataset, so a run on any number of processes, devices or loader
+workers sees the same global batches, and an iterator restored from a checkpoint continues
+with the identical next batch. Augmentation randomness is drawn per global sample index.
+"""
+import dataclasses
+import io
+import logging
+
+import grain
+from absl import flags
+import numpy as np
+from PIL import Image
+
+from caip_jax import actions
+from caip_jax.data import records
+from caip_jax.data.tokenizer import Tokenizer
+
+
+class DataConfigError(ValueError):
+    """The records do not fit the config (not a bad record: no record would fit)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Random resized crop (area fraction and aspect-ratio factor of the frame) and colour
+    jitter. There is no horizontal flip: it would swap the hands without mirroring actions."""
+
+    crop_area: tuple[float, float] = (0.6, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+
+class Preprocess:
+    """One record -> one sample: image [S, S, 3] float32 in [-1, 1], text [L] int32,
+    action [T, 2, 21, 9] float32 (normalised unless `stats` is None), action_mask [T, 2] bool.
+
+    Without an rng (evaluation) the whole frame is resized to S x S, as SigLIP's processor does;
+    with one, a random crop of it is, and colours are jittered. `with_metadata` adds
+    episode_id, frame_index and source (for inspection and evaluation).
+    """
+
+    def __init__(
+        self,
+        tokenizer_path: str,
+        image_size: int,
+        text_length: int,
+        horizon: int,
+        delta: str = "anchor",
+        stats: dict | None = None,
+        augment: Augment = Augment(),
+        with_metadata: bool = False,
+    ):
+        if delta not in actions.DELTAS:
+            raise DataConfigError(f"data.delta={delta!r} is not one of {actions.DELTAS}")
+        self.tokenizer_path, self.text_length = tokenizer_path, text_length
+        self.image_size, self.horizon, self.delta = image_size, horizon, delta
+        self.mean = None if stats is None else np.asarray(stats[delta]["mean"], np.float32)
+        self.std = None if stats is None else np.asarray(stats[delta]["std"], np.float32)
+        self.augment, self.with_metadata = augment, with_metadata
+        self._tokenizer = None  # loaded in each worker process, not pickled into it
+
+    def __call__(self, record: bytes, rng: np.random.Generator | None = None) -> dict:
+        sample = records.decode(record)
+        poses = actions.decompress_poses(sample["poses"])
+        if len(poses) < self.horizon + 1:
+            raise DataConfigError(
+                f"records hold {len(poses) - 1} future steps but model.action.horizon={self.horizon}: "
+                "convert with a longer --horizon or lower the horizon"
+            )
+        action, mask = actions.action_chunk(
+            poses[: self.horizon + 1], sample["valid"][: self.horizon + 1], self.delta
+        )
+        if self.mean is not None:
+            action = actions.normalize(action, mask, self.mean, self.std)
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.tokenizer_path, self.text_length)
+        out = dict(
+            image=self.image(sample["image"], rng),
+            text=self._tokenizer.encode([sample["text"]])[0],
+            action=action,
+            action_mask=mask,
+        )
+        if self.with_metadata:
+            out.update(episode_id=sample["episode_id"], frame_index=sample["frame_index"], source=sample["source"])
+        return out
+
+    def image(self, jpeg: bytes, rng: np.random.Generator | None) -> np.ndarray:
+        image = Image.open(io.BytesIO(jpeg))
+        size = (self.image_size, self.image_size)
+        if rng is None:
+            return _to_unit_range(np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR)))
+        a = self.augment
+        area = rng.uniform(*a.crop_area)
+        ratio = np.exp(rng.uniform(*np.log(a.crop_ratio)))
+        w = min(1.0, np.sqrt(area * ratio)) * image.width
+        h = min(1.0, np.sqrt(area / ratio)) * image.height
+        x0, y0 = rng.uniform(0, image.width - w), rng.uniform(0, image.height - h)
+        image = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
+        x = np.asarray(image, np.float32) / 255.0
+        x = x * rng.uniform(1 - a.brightness, 1 + a.brightness)
+        x = (x - x.mean()) * rng.uniform(1 - a.contrast, 1 + a.contrast) + x.mean()
+        gray = x.mean(axis=-1, keepdims=True)
+        x = (x - gray) * rng.uniform(1 - a.saturation, 1 + a.saturation) + gray
+        return np.clip(x, 0.0, 1.0) * 2.0 - 1.0
+
+
+def _to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [.., 3] -> float32 in [-1, 1], as SigLIP normalises (mean 0.5, std 0.5)."""
+    return pixels.astype(np.float32) / 127.5 - 1.0
+
+
+class SkipCorrupt(grain.MapDataset):
+    """`parent[i]` passed through `transform`; a record that fails (a corrupt JPEG or record) is
+    logged by name and replaced by the next record of the stream, so that one bad record can
+    neither stop training nor shift the batches of other processes."""
+
+    def __init__(self, parent: grain.MapDataset, transform, seed: int | None, attempts: int = 16):
+        super().__init__(parent)
+        self._transform, self._seed, self._attempts = transform, seed, attempts
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        for offset in range(self._attempts):
+            record = self._parent[(index + offset) % len(self._parent)]
+            rng = None if self._seed is None else np.random.default_rng((self._seed, index))
+            try:
+                return self._transform(record, rng)
+            except DataConfigError:
+                raise
+            except Exception as error:
+                logging.error("skipping corrupt record at stream index %d (%s): %s: %s",
+                              index + offset, _identity(record), type(error).__name__, error)
+        raise RuntimeError(
+            f"{self._attempts} records in a row from stream index {index} failed (see the log): "
+            "a broken record set or a bug, not a stray corrupt record"
+        ) from error
+
+
+def _identity(record: bytes) -> str:
+    try:
+        sample = records.decode(record)
+        return f"{sample['source']}/{sample['episode_id']} frame {sample['frame_index']}"
+    except Exception:
+        return f"undecodable record of {len(record)} bytes"
+
+
+def record_dataset(directory: str) -> grain.MapDataset:
+    """The raw records (bytes) of a record set, in file order."""
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(records.shard_paths(directory)))
+
+
+def train_batches(
+    directory: str,
+    preprocess: Preprocess,
+    global_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """This process's rows of every global training batch: an infinite MapDataset whose element
+    k is dict of [global_batch / process_count, ...] arrays."""
+    if global_batch % process_count:
+        raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} processes")
+    local = global_batch // process_count
+    stream = record_dataset(directory).shuffle(seed=seed).repeat()
+    samples = SkipCorrupt(stream, preprocess, seed=seed)
+    return samples.batch(local, drop_remainder=True)[process_index::process_count]
+
+
+def eval_samples(directory: str, preprocess: Preprocess) -> grain.MapDataset:
+    """Every record once, in record order, without augmentation."""
+    return SkipCorrupt(record_dataset(directory), preprocess, seed=None)
+
+
+def iterate(dataset: grain.MapDataset, workers: int = 0, threads: int = 4):
+    """A checkpointable iterator over `dataset`, decoding in `workers` processes (0: in this
+    process), each with `threads` threads. The order depends on neither."""
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
+    if workers > 0:
+        if not flags.FLAGS.is_parsed():
+            # grain's workers read absl flags; outside absl.app.run (tests, notebooks) nothing
+            # has parsed them, and the defaults are what we want.
+            flags.FLAGS.mark_as_parsed()
+        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(iter_dataset)

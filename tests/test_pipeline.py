@@ -1,0 +1,116 @@
+"""The grain pipeline: the same global batches for any process or worker count, exact resume,
+preprocessing against independent computations, corrupt records skipped by name."""
+import io
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from caip_jax import actions
+from caip_jax.data import convert, pipeline, records, tokenizer
+from test_convert import OPTIONS, rigid_episode, write_npz
+
+TEXT_LEN, IMAGE_SIZE = 8, 16
+
+
+@pytest.fixture(scope="module")
+def record_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        write_npz(str(root / "npz"), f"episode_{i}", **dict(rigid_episode(rng), text=f"pick up cup {i}"))
+    convert.convert("npz", str(root / "npz"), str(root / "records"), OPTIONS, shards=2)
+    spm = tokenizer.train_sentencepiece([f"pick up cup {i}" for i in range(6)] * 10, str(root / "spm"), 284)
+    return str(root / "records"), spm
+
+
+def make_preprocess(record_set, **kwargs):
+    directory, spm = record_set
+    stats = records.read_json(directory, "stats.json")
+    return pipeline.Preprocess(spm, IMAGE_SIZE, TEXT_LEN, OPTIONS.horizon, stats=stats, **kwargs)
+
+
+@pytest.mark.parametrize("processes", [2, 3, 6])
+def test_global_batches_do_not_depend_on_the_process_count(record_set, processes):
+    preprocess = make_preprocess(record_set)
+    single = pipeline.train_batches(record_set[0], preprocess, 6, seed=3)
+    parts = [pipeline.train_batches(record_set[0], preprocess, 6, 3, p, processes) for p in range(processes)]
+    for step in (0, 1, 5):  # 18 records: step 5 is in the third epoch, reshuffled
+        for key in ("image", "text", "action", "action_mask"):
+            np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), single[step][key])
+
+
+def test_epochs_are_reshuffled_permutations(record_set):
+    preprocess = make_preprocess(record_set, with_metadata=True)
+    batches = pipeline.train_batches(record_set[0], preprocess, 6, seed=3)
+    epochs = [[(e, f) for k in range(3 * i, 3 * i + 3) for e, f in zip(batches[k]["episode_id"], batches[k]["frame_index"])] for i in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) and len(set(epochs[0])) == 18
+    assert epochs[0] != epochs[1]
+
+
+def test_workers_and_resume_give_the_same_batches(record_set):
+    preprocess = make_preprocess(record_set)
+    batches = pipeline.train_batches(record_set[0], preprocess, 4, seed=0)
+    in_process = pipeline.iterate(batches)
+    first = [next(in_process) for _ in range(3)]
+    state = in_process.get_state()
+    expected = next(in_process)
+
+    with_workers = pipeline.iterate(batches, workers=2)
+    for batch in first:
+        np.testing.assert_array_equal(next(with_workers)["image"], batch["image"])
+    with_workers.close()
+
+    resumed = pipeline.iterate(batches)
+    resumed.set_state(state)
+    got = next(resumed)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_evaluation_preprocessing_matches_an_independent_computation(record_set):
+    directory, spm = record_set
+    preprocess = make_preprocess(record_set)
+    sample = records.decode(records.read_shard(records.shard_paths(directory)[0])[0])
+    out = pipeline.eval_samples(directory, preprocess)[0]
+
+    pixels = Image.open(io.BytesIO(sample["image"])).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    np.testing.assert_allclose(out["image"], (np.asarray(pixels) - 127.5) / 127.5, atol=1e-6)
+    np.testing.assert_array_equal(out["text"], tokenizer.Tokenizer(spm, TEXT_LEN).encode([sample["text"]])[0])
+    stats = records.read_json(directory, "stats.json")["anchor"]
+    chunk, mask = actions.action_chunk(actions.decompress_poses(sample["poses"]), sample["valid"])
+    expected = (chunk - np.array(stats["mean"])) / np.array(stats["std"]) * mask[..., None, None]
+    np.testing.assert_allclose(out["action"], expected, atol=1e-4)
+    np.testing.assert_array_equal(out["action_mask"], mask)
+
+
+def test_augmentation_is_seeded_per_sample(record_set):
+    batches = pipeline.train_batches(record_set[0], make_preprocess(record_set), 6, seed=0)
+    again = pipeline.train_batches(record_set[0], make_preprocess(record_set), 6, seed=0)
+    np.testing.assert_array_equal(batches[1]["image"], again[1]["image"])
+    image = batches[1]["image"]
+    assert image.min() >= -1 and image.max() <= 1 and image.dtype == np.float32
+
+
+def test_a_corrupt_record_is_skipped_and_named(record_set, tmp_path, caplog):
+    directory, _ = record_set
+    samples = [r for path in records.shard_paths(directory) for r in records.read_shard(path)]
+    broken = records.decode(samples[1])
+    broken["image"] = broken["image"][:40]  # a truncated JPEG
+    samples[1] = records.encode(broken)
+    writer = records.ShardWriter(str(tmp_path), 1)
+    writer.write_episode(0, samples)
+    writer.close()
+    preprocess = make_preprocess(record_set, with_metadata=True)
+    with caplog.at_level(logging.ERROR):
+        replaced = pipeline.eval_samples(str(tmp_path), preprocess)[1]
+    assert f"{broken['episode_id']} frame {broken['frame_index']}" in caplog.text
+    assert replaced["frame_index"] == records.decode(samples[2])["frame_index"]
+
+
+def test_records_too_short_for_the_horizon_are_a_config_error(record_set):
+    directory, spm = record_set
+    preprocess = pipeline.Preprocess(spm, IMAGE_SIZE, TEXT_LEN, horizon=OPTIONS.horizon + 1)
+    with pytest.raises(pipeline.DataConfigError, match="horizon=9"):
+        pipeline.eval_samples(directory, preprocess)[0]
