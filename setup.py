@@ -40,6 +40,7 @@ setuptools.setup(
         "console_scripts": [
             "caip-make-records=tools.make_records:run",
             "caip-model-info=tools.model_info:run",
+            "caip-records-to-tfds=tools.records_to_tfds:run",
         ],
     },
 )

@@ -114,3 +114,23 @@ def test_records_too_short_for_the_horizon_are_a_config_error(record_set):
     preprocess = pipeline.Preprocess(spm, IMAGE_SIZE, TEXT_LEN, horizon=OPTIONS.horizon + 1)
     with pytest.raises(pipeline.DataConfigError, match="horizon=9"):
         pipeline.eval_samples(directory, preprocess)[0]
+
+
+def test_the_tfds_form_opens_with_tfds_and_feeds_the_same_samples(record_set, tmp_path):
+    import tensorflow_datasets as tfds
+
+    from caip_jax.data import tfds_builder
+
+    directory, _ = record_set
+    tfds_builder.build(directory, str(tmp_path))
+    source = tfds.data_source(tfds_builder.NAME, data_dir=str(tmp_path), split="train")
+    assert len(source) == 18
+    preprocess = make_preprocess(record_set, with_metadata=True)
+    ours = {(s["episode_id"], s["frame_index"]): s for s in pipeline.eval_samples(directory, preprocess)}
+    version_dir = str(tmp_path / tfds_builder.NAME / "1.0.0")
+    theirs = list(pipeline.eval_samples(version_dir, preprocess))
+    assert {(s["episode_id"], s["frame_index"]) for s in theirs} == set(ours)
+    for sample in theirs:
+        expected = ours[(sample["episode_id"], sample["frame_index"])]
+        for key in ("image", "text", "action", "action_mask"):
+            np.testing.assert_array_equal(sample[key], expected[key])

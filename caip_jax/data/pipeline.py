@@ -10,14 +10,16 @@ with the identical next batch. Augmentation randomness is drawn per global sampl
 import dataclasses
 import io
 import logging
+import os
 
 import grain
 from absl import flags
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from caip_jax import actions
-from caip_jax.data import records
+from caip_jax.data import records, tfds_builder
 from caip_jax.data.tokenizer import Tokenizer
 
 
@@ -66,8 +68,9 @@ class Preprocess:
         self.augment, self.with_metadata = augment, with_metadata
         self._tokenizer = None  # loaded in each worker process, not pickled into it
 
-    def __call__(self, record: bytes, rng: np.random.Generator | None = None) -> dict:
-        sample = records.decode(record)
+    def __call__(self, record: bytes | dict, rng: np.random.Generator | None = None) -> dict:
+        """`record`: bytes from a record set, or a sample dict from the TFDS form."""
+        sample = records.decode(record) if isinstance(record, bytes) else record
         poses = actions.decompress_poses(sample["poses"])
         if len(poses) < self.horizon + 1:
             raise DataConfigError(
@@ -91,8 +94,9 @@ class Preprocess:
             out.update(episode_id=sample["episode_id"], frame_index=sample["frame_index"], source=sample["source"])
         return out
 
-    def image(self, jpeg: bytes, rng: np.random.Generator | None) -> np.ndarray:
-        image = Image.open(io.BytesIO(jpeg))
+    def image(self, jpeg: bytes | np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        """JPEG bytes or a decoded [H, W, 3] uint8 frame -> [S, S, 3] float32 in [-1, 1]."""
+        image = Image.open(io.BytesIO(jpeg)) if isinstance(jpeg, bytes) else Image.fromarray(jpeg)
         size = (self.image_size, self.image_size)
         if rng is None:
             return _to_unit_range(np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR)))
@@ -147,16 +151,20 @@ class SkipCorrupt(grain.MapDataset):
         ) from error
 
 
-def _identity(record: bytes) -> str:
+def _identity(record: bytes | dict) -> str:
     try:
-        sample = records.decode(record)
+        sample = records.decode(record) if isinstance(record, bytes) else record
         return f"{sample['source']}/{sample['episode_id']} frame {sample['frame_index']}"
     except Exception:
         return f"undecodable record of {len(record)} bytes"
 
 
 def record_dataset(directory: str) -> grain.MapDataset:
-    """The raw records (bytes) of a record set, in file order."""
+    """The records of a record set (bytes), or of its TFDS form (sample dicts: `directory` is
+    then the dataset's version directory, e.g. DATA_DIR/caip_records/1.0.0), in file order."""
+    if os.path.exists(os.path.join(directory, "dataset_info.json")):
+        source = tfds.builder_from_directory(directory).as_data_source(split="train")
+        return grain.MapDataset.source(source).map(tfds_builder.to_sample)
     return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(records.shard_paths(directory)))
 
 

@@ -1,0 +1,79 @@
+"""A record set as a TensorFlow Datasets dataset (`caip_records`), for users of the TFDS
+catalogue: `tfds.data_source("caip_records", data_dir=...)` opens it, without TensorFlow, and the
+grain pipeline reads it like a record set (pipeline.record_dataset).
+
+The features are the sample fields of records.py; the image is stored as the same JPEG bytes,
+`labels` (free-form keys) as JSON text.
+"""
+import json
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from caip_jax.data import records
+
+NAME = "caip_records"
+
+
+class CaipRecords(tfds.core.GeneratorBasedBuilder):
+    """CAIP samples: anchor frame, instruction, the T+1 compressed camera-frame hand poses."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the record set directory (from caip-make-records) as manual_dir."
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        pose = lambda dtype, *shape: tfds.features.Tensor(shape=shape, dtype=dtype)
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(
+                dict(
+                    image=tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                    text=tfds.features.Text(),
+                    poses=tfds.features.FeaturesDict(
+                        dict(
+                            anchor_translation=pose(np.float32, 2, 21, 3),
+                            anchor_quaternion=pose(np.float32, 2, 21, 4),
+                            translation=pose(np.int16, None, 2, 21, 3),
+                            translation_scale=pose(np.float32, 1),
+                            rotation=pose(np.int16, None, 2, 21, 3),
+                        )
+                    ),
+                    valid=pose(np.bool_, None, 2),
+                    source=tfds.features.Text(),
+                    episode_id=tfds.features.Text(),
+                    view=tfds.features.Text(),
+                    frame_index=np.int64,
+                    intrinsics=pose(np.float32, 3, 3),
+                    labels=tfds.features.Text(),
+                )
+            ),
+            description=__doc__,
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        return {"train": self._generate_examples(str(dl_manager.manual_dir))}
+
+    def _generate_examples(self, directory: str):
+        for path in records.shard_paths(directory):
+            for record in records.read_shard(path):
+                sample = records.decode(record)
+                key = f"{sample['source']}/{sample['episode_id']}/{sample['view']}/{sample['frame_index']}"
+                yield key, dict(sample, labels=json.dumps(sample["labels"], sort_keys=True))
+
+
+def build(records_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    """Writes the record set in `records_dir` as the TFDS dataset `caip_records` in `data_dir`."""
+    builder = CaipRecords(data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=records_dir))
+    return builder
+
+
+def to_sample(example: dict) -> dict:
+    """A decoded TFDS example -> the sample dict of records.py (the image stays decoded)."""
+    return dict(
+        example,
+        text=example["text"].decode(),
+        source=example["source"].decode(),
+        episode_id=example["episode_id"].decode(),
+        view=example["view"].decode(),
+        labels=json.loads(example["labels"]),
+    )
