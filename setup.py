@@ -38,6 +38,7 @@ setuptools.setup(
     extras_require={"test": ["pytest", "pytest-xdist"]},
     entry_points={
         "console_scripts": [
+            "caip-inspect=tools.inspect_records:run",
             "caip-make-records=tools.make_records:run",
             "caip-model-info=tools.model_info:run",
             "caip-records-to-tfds=tools.records_to_tfds:run",

@@ -1,5 +1,9 @@
-"""Test-session setup: CPU only, 8 virtual devices for the multi-device tests, no network."""
+"""Test-session setup: CPU only, 8 virtual devices for the multi-device tests, no network;
+and fixtures shared by several test files."""
 import os
+
+import numpy as np
+import pytest
 
 # Must happen before JAX initialises its backend (the first jax.devices() or computation).
 os.environ["XLA_FLAGS"] = (
@@ -8,3 +12,20 @@ os.environ["XLA_FLAGS"] = (
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="module")
+def record_set(tmp_path_factory):
+    """A record set of 6 npz episodes (18 samples) and a sentencepiece model for its texts."""
+    from caip_jax.data import convert, tokenizer
+    from test_convert import OPTIONS, rigid_episode, write_npz
+
+    root = tmp_path_factory.mktemp("pipeline")
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        write_npz(str(root / "npz"), f"episode_{i}", **dict(rigid_episode(rng), text=f"pick up cup {i}"))
+    convert.convert("npz", str(root / "npz"), str(root / "records"), OPTIONS, shards=2)
+    spm = tokenizer.train_sentencepiece([f"pick up cup {i}" for i in range(6)] * 10, str(root / "spm"), 284)
+    return str(root / "records"), spm
+
+

@@ -8,21 +8,10 @@ import pytest
 from PIL import Image
 
 from caip_jax import actions
-from caip_jax.data import convert, pipeline, records, tokenizer
-from test_convert import OPTIONS, rigid_episode, write_npz
+from caip_jax.data import pipeline, records, tokenizer
+from test_convert import OPTIONS
 
-TEXT_LEN, IMAGE_SIZE = 8, 16
-
-
-@pytest.fixture(scope="module")
-def record_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    rng = np.random.default_rng(1)
-    for i in range(6):
-        write_npz(str(root / "npz"), f"episode_{i}", **dict(rigid_episode(rng), text=f"pick up cup {i}"))
-    convert.convert("npz", str(root / "npz"), str(root / "records"), OPTIONS, shards=2)
-    spm = tokenizer.train_sentencepiece([f"pick up cup {i}" for i in range(6)] * 10, str(root / "spm"), 284)
-    return str(root / "records"), spm
+TEXT_LEN, IMAGE_SIZE = 8, 16  # the record_set fixture (conftest.py) holds 18 samples
 
 
 def make_preprocess(record_set, **kwargs):
