@@ -220,12 +220,16 @@ def action_chunk(
     mask [T, 2] bool). Step k = 1..T against reference r = 0 (delta="anchor") or r = k - 1
     (delta="step"): translation p_k - p_r, then columns 0 and 1 of R_k R_r^T; valid where both
     k and r are; masked entries are 0."""
-    if delta not in DELTAS:
-        raise ValueError(f"delta={delta!r}: expected one of {DELTAS}")
     valid = np.asarray(valid, bool)
     poses = fill_invalid(np.asarray(poses, np.float64), valid)
+    return _chunk(poses[..., :3, :3], poses[..., :3, 3], valid, delta)
+
+
+def _chunk(rot, trans, valid, delta):
+    """`action_chunk` on rotations [T+1, 2, 21, 3, 3] and translations [T+1, 2, 21, 3]."""
+    if delta not in DELTAS:
+        raise ValueError(f"delta={delta!r}: expected one of {DELTAS}")
     ref = slice(0, 1) if delta == "anchor" else slice(0, -1)
-    rot, trans = poses[..., :3, :3], poses[..., :3, 3]
     rel = rot[1:] @ np.swapaxes(rot[ref], -1, -2)
     action = np.concatenate([trans[1:] - trans[ref], rel[..., :, 0], rel[..., :, 1]], -1)
     mask = valid[ref] & valid[1:]
@@ -288,12 +292,30 @@ def _quantize(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * _INT16_MAX), -_INT16_MAX, _INT16_MAX).astype(np.int16)
 
 
+def _offsets(packed: dict[str, np.ndarray], steps: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """p_k - p_0 [T', 2, 21, 3] and R_k R_0^T [T', 2, 21, 3, 3] for k = 1..T' (T' = `steps`)."""
+    offset = packed["translation"][:steps] * (np.float64(packed["translation_scale"][0]) / _INT16_MAX)
+    rel = quat_to_matrix(rotvec_to_quat(packed["rotation"][:steps] * (np.pi / _INT16_MAX)))
+    return offset, rel
+
+
 def decompress_poses(packed: dict[str, np.ndarray]) -> np.ndarray:
     """The output of `compress_poses` -> poses [T+1, 2, 21, 4, 4] float32."""
     rot0 = quat_to_matrix(packed["anchor_quaternion"])
     trans0 = np.asarray(packed["anchor_translation"], np.float64)
-    offset = packed["translation"] * (np.float64(packed["translation_scale"][0]) / _INT16_MAX)
-    rel = quat_to_matrix(rotvec_to_quat(packed["rotation"] * (np.pi / _INT16_MAX)))
+    offset, rel = _offsets(packed, None)
     rot = np.concatenate([rot0[None], rel @ rot0], 0)
     trans = np.concatenate([trans0[None], trans0 + offset], 0)
     return compose(rot, trans).astype(np.float32)
+
+
+def compressed_action_chunk(
+    packed: dict[str, np.ndarray], valid: np.ndarray, horizon: int, delta: str = "anchor"
+) -> tuple[np.ndarray, np.ndarray]:
+    """`action_chunk` of the first `horizon` + 1 poses of `compress_poses`' output, straight from
+    the stored offsets: actions only depend on poses relative to a reference step, so step 0's
+    own pose is never rebuilt. The training pipeline's path."""
+    offset, rel = _offsets(packed, horizon)
+    rot = np.concatenate([np.broadcast_to(np.eye(3), (1, *rel.shape[1:])), rel], 0)
+    trans = np.concatenate([np.zeros_like(offset[:1]), offset], 0)
+    return _chunk(rot, trans, np.asarray(valid[: horizon + 1], bool), delta)

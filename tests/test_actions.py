@@ -2,9 +2,9 @@
 validity, normalisation and compact storage."""
 import numpy as np
 import pytest
-from flax import serialization
 
 from caip_jax import actions
+from caip_jax.data import records
 
 IDENTITY_6D = [1, 0, 0, 0, 1, 0]
 
@@ -327,8 +327,7 @@ def test_compressed_poses_fit_the_budget_and_keep_the_actions():
     chunks[0][-1, 1, 5, :3, :3] = axis_angle([0, 1, 0], np.pi) @ chunks[0][0, 1, 5, :3, :3]
     for poses in chunks:
         # Through the records' msgpack encoding, which must keep dtypes and shapes.
-        encoded = serialization.msgpack_serialize(actions.compress_poses(poses))
-        packed = serialization.msgpack_restore(encoded)
+        packed = records.decode(records.encode(actions.compress_poses(poses)))
         assert sum(v.nbytes for v in packed.values()) < 40_000
         decoded = actions.decompress_poses(packed)
         np.testing.assert_allclose(decoded[0], poses[0], atol=1e-6)
@@ -337,6 +336,11 @@ def test_compressed_poses_fit_the_budget_and_keep_the_actions():
             approx, _ = actions.action_chunk(decoded, all_valid(65), delta)
             assert np.linalg.norm(approx[..., :3] - exact[..., :3], axis=-1).max() < 1e-3
             assert np.degrees(rotation_error(approx[..., 3:], exact[..., 3:])).max() < 0.1
+            # The pipeline's path, from the stored offsets, gives the same actions, also truncated.
+            direct, _ = actions.compressed_action_chunk(packed, all_valid(65), 64, delta)
+            np.testing.assert_allclose(direct, approx, atol=2e-6)
+            short, _ = actions.compressed_action_chunk(packed, all_valid(65), 8, delta)
+            np.testing.assert_array_equal(short, direct[:8])
 
 
 def test_rotation_error_metric_sees_a_known_angle():

@@ -120,6 +120,13 @@ def test_output_does_not_depend_on_the_number_of_workers(converted, npz_input, t
         assert records.read_shard(a) == records.read_shard(b)
 
 
+def test_more_shards_than_episodes_leaves_only_readable_shards(npz_input, tmp_path):
+    summary = convert.convert("npz", npz_input, str(tmp_path), OPTIONS, shards=16)
+    paths = records.shard_paths(str(tmp_path))
+    assert len(paths) == 4  # the 4 converted episodes, one shard each
+    assert sum(len(records.read_shard(p)) for p in paths) == summary["records"]
+
+
 def test_unknown_source_and_empty_input_are_refused(tmp_path):
     with pytest.raises(ValueError, match="Unknown source 'egodx'"):
         convert.convert("egodx", str(tmp_path), str(tmp_path / "out"))

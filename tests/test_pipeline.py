@@ -65,7 +65,8 @@ def test_evaluation_preprocessing_matches_an_independent_computation(record_set)
     out = pipeline.eval_samples(directory, preprocess)[0]
 
     pixels = Image.open(io.BytesIO(sample["image"])).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-    np.testing.assert_allclose(out["image"], (np.asarray(pixels) - 127.5) / 127.5, atol=1e-6)
+    np.testing.assert_array_equal(out["image"], np.asarray(pixels))
+    np.testing.assert_allclose(pipeline.unit_range(out["image"]), (np.asarray(pixels) - 127.5) / 127.5, atol=1e-6)
     np.testing.assert_array_equal(out["text"], tokenizer.Tokenizer(spm, TEXT_LEN).encode([sample["text"]])[0])
     stats = records.read_json(directory, "stats.json")["anchor"]
     chunk, mask = actions.action_chunk(actions.decompress_poses(sample["poses"]), sample["valid"])
@@ -74,12 +75,18 @@ def test_evaluation_preprocessing_matches_an_independent_computation(record_set)
     np.testing.assert_array_equal(out["action_mask"], mask)
 
 
-def test_augmentation_is_seeded_per_sample(record_set):
-    batches = pipeline.train_batches(record_set[0], make_preprocess(record_set), 6, seed=0)
-    again = pipeline.train_batches(record_set[0], make_preprocess(record_set), 6, seed=0)
-    np.testing.assert_array_equal(batches[1]["image"], again[1]["image"])
-    image = batches[1]["image"]
-    assert image.min() >= -1 and image.max() <= 1 and image.dtype == np.float32
+def test_augmentation_is_seeded_and_changes_only_the_image(record_set):
+    preprocess = make_preprocess(record_set)
+    record = records.read_shard(records.shard_paths(record_set[0])[0])[1]  # a grey, not black, frame
+    plain = preprocess(record)
+    first, again = (preprocess(record, np.random.default_rng(7)) for _ in range(2))
+    other = preprocess(record, np.random.default_rng(8))
+    np.testing.assert_array_equal(first["image"], again["image"])
+    assert first["image"].dtype == np.uint8 and first["image"].shape == plain["image"].shape
+    assert not np.array_equal(first["image"], plain["image"])
+    assert not np.array_equal(first["image"], other["image"])
+    for key in ("text", "action", "action_mask"):
+        np.testing.assert_array_equal(first[key], plain[key])
 
 
 def test_a_corrupt_record_is_skipped_and_named(record_set, tmp_path, caplog):

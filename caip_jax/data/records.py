@@ -82,21 +82,23 @@ class ShardWriter:
 
     def __init__(self, directory: str, count: int):
         os.makedirs(directory, exist_ok=True)
-        self._writers = [
-            array_record_module.ArrayRecordWriter(
-                os.path.join(directory, SHARD_PATTERN.format(index=i, count=count)), "group_size:1"
-            )
-            for i in range(count)
-        ]
+        self._paths = [os.path.join(directory, SHARD_PATTERN.format(index=i, count=count)) for i in range(count)]
+        self._writers = [array_record_module.ArrayRecordWriter(p, "group_size:1") for p in self._paths]
+        self._written = [0] * count
 
     def write_episode(self, episode_number: int, records: list[bytes]) -> None:
-        writer = self._writers[episode_number % len(self._writers)]
+        shard = episode_number % len(self._writers)
         for record in records:
-            writer.write(record)
+            self._writers[shard].write(record)
+        self._written[shard] += len(records)
 
     def close(self) -> None:
-        for writer in self._writers:
+        """Closes the shards and removes empty ones (fewer episodes than shards), which
+        ArrayRecord readers cannot open."""
+        for writer, path, written in zip(self._writers, self._paths, self._written):
             writer.close()
+            if not written:
+                os.remove(path)
 
 
 def read_json(directory: str, name: str) -> dict:
