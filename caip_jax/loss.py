@@ -20,19 +20,33 @@ def l2_normalize(x: jax.Array, eps: float = 1e-8) -> jax.Array:
     return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + eps)
 
 
-def _pair_loss_sum(z_image, z_action, t, b, positives_on_diagonal: bool):
-    """Sum of -log sigmoid(z_ij logits_ij) over a [b, b'] block of pairs."""
-    logits = jnp.exp(t) * z_image @ z_action.T + b
+def _block(z_image, z_action, t, b, positives_on_diagonal: bool):
+    """A [b, b'] block of pairs -> (sum of -log sigmoid(z_ij logits_ij), the best negative
+    similarity of each image [b] (for retrieval accuracy), the positive similarities [b] or
+    None)."""
+    similarity = z_image @ z_action.T
+    logits = jnp.exp(t) * similarity + b
     labels = -jnp.ones_like(logits)
+    positive = None
     if positives_on_diagonal:
-        labels = labels + 2 * jnp.eye(*logits.shape, dtype=logits.dtype)
-    return -jnp.sum(jax.nn.log_sigmoid(labels * logits))
+        eye = jnp.eye(*logits.shape, dtype=bool)
+        labels = jnp.where(eye, 1.0, labels)
+        positive = jnp.diagonal(similarity)
+        similarity = jnp.where(eye, -jnp.inf, similarity)
+    loss_sum = -jnp.sum(jax.nn.log_sigmoid(labels * logits))
+    return loss_sum, jax.lax.stop_gradient(similarity.max(axis=1)), positive
 
 
 def sigmoid_loss(z_image: jax.Array, z_action: jax.Array, t: jax.Array, b: jax.Array) -> jax.Array:
     """z_image [B, D], z_action [B, D] (L2-normalised; row i of each is a positive pair),
     scalars t (log temperature) and b -> scalar loss."""
-    return _pair_loss_sum(z_image, z_action, t, b, positives_on_diagonal=True) / z_image.shape[0]
+    return _block(z_image, z_action, t, b, positives_on_diagonal=True)[0] / z_image.shape[0]
+
+
+def retrieval_top1(z_image: jax.Array, z_action: jax.Array) -> jax.Array:
+    """Fraction of images whose own action is the most similar of the batch (chance 1/B)."""
+    similarity = z_image @ z_action.T
+    return jnp.mean(jnp.argmax(similarity, axis=1) == jnp.arange(len(similarity)))
 
 
 def chunked_sigmoid_loss(
@@ -42,11 +56,13 @@ def chunked_sigmoid_loss(
     b: jax.Array,
     mesh: Mesh,
     batch_axes: tuple[str, ...] = ("data", "fsdp"),
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
     """The same value and gradients as `sigmoid_loss`, with the batch sharded over `batch_axes`
-    of `mesh`. Memory per device is O(b^2) for local batch b.
+    of `mesh`; also `retrieval_top1` over the global batch, from the same pass. Memory per
+    device is O(b^2) for local batch b.
 
-    z_image [B, D], z_action [B, D] sharded along B over `batch_axes`; t, b scalars -> scalar.
+    z_image [B, D], z_action [B, D] sharded along B over `batch_axes`; t, b scalars ->
+    (loss, top1) scalars.
     """
     batch = z_image.shape[0]
     n = 1
@@ -56,25 +72,30 @@ def chunked_sigmoid_loss(
     shift = [(i, (i + 1) % n) for i in range(n)]
 
     def local(z_img, z_act, t, b):
-        def negatives(z_other):
-            return _pair_loss_sum(z_img, z_other, t, b, positives_on_diagonal=False)
+        def negatives(carry, z_other):
+            total, best = carry
+            block_sum, block_best, _ = _block(z_img, z_other, t, b, positives_on_diagonal=False)
+            return total + block_sum, jnp.maximum(best, block_best)
 
-        total = _pair_loss_sum(z_img, z_act, t, b, positives_on_diagonal=True)
+        total, best, positive = _block(z_img, z_act, t, b, positives_on_diagonal=True)
+        carry = (total, best)
         if n > 1:
             z_act = jax.lax.ppermute(z_act, batch_axes, shift)
 
-            def step(carry, _):
-                total, z_act = carry
+            def step(state, _):
+                carry, z_act = state
                 # The next chunk travels while this one is scored: the two are independent, so
                 # XLA can overlap the collective with the matmul.
                 z_next = jax.lax.ppermute(z_act, batch_axes, shift)
-                return (total + negatives(z_act), z_next), None
+                return (negatives(carry, z_act), z_next), None
 
-            (total, z_act), _ = jax.lax.scan(step, (total, z_act), None, length=n - 2)
-            total = total + negatives(z_act)
-        return jax.lax.psum(total, batch_axes) / batch
+            (carry, z_act), _ = jax.lax.scan(step, (carry, z_act), None, length=n - 2)
+            carry = negatives(carry, z_act)
+        total, best = carry
+        correct = jnp.sum(positive > best)
+        return jax.lax.psum(total, batch_axes) / batch, jax.lax.psum(correct, batch_axes) / batch
 
     spec = P(batch_axes)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P(), P()), out_specs=P())(
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P(), P()), out_specs=(P(), P()))(
         z_image, z_action, t, b
     )

@@ -4,6 +4,14 @@ mesh axes `data`, `fsdp` and `tensor`.
 Batch is split over `data` and `fsdp`; parameters are split along their width (`embed`) over
 `fsdp` (ZeRO-3 style: gathered per layer when used) and along heads and MLP width over `tensor`.
 """
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -17,3 +25,52 @@ LOGICAL_AXIS_RULES = (
     ("length", None),
     ("norm", None),
 )
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all) with axes `data`, `fsdp`, `tensor` sized by `shape`
+    (e.g. config.mesh); one size may be -1 for "the rest". Devices are ordered so that each
+    process's devices are contiguous along the batch axes, which
+    `jax.make_array_from_process_local_data` needs for a process's rows of the batch."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh={dict(zip(MESH_AXES, sizes))}: sizes must be positive, at most one -1")
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh={dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"mesh={dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, found {len(devices)}: "
+            "set one axis of config.mesh to -1"
+        )
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over `data` and `fsdp`, the rest replicated."""
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def param_shardings(boxed_abstract: Any, mesh: Mesh) -> Any:
+    """NamedShardings of a Flax variable tree whose leaves are `nn.Partitioned` boxes (e.g.
+    from `jax.eval_shape(model.init, ...)`), through LOGICAL_AXIS_RULES; the result has the
+    structure of the unboxed tree."""
+    specs = nn.get_partition_spec(boxed_abstract)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh) -> tuple[Any, Any]:
+    """Runs `init_fn(rng)` (returning boxed Flax variables) with every parameter created in
+    place on its shards, so no host ever holds the whole model. -> (unboxed variables, their
+    shardings)."""
+    shardings = param_shardings(jax.eval_shape(init_fn, rng), mesh)
+    variables = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    return variables, shardings

@@ -16,7 +16,7 @@ def embeddings(batch, seed):
     rng = np.random.default_rng(seed)
     x, y = rng.normal(size=(2, batch, EMBED)).astype(np.float32)
     # Correlated pairs, so that the positive and negative terms both matter.
-    y = x + 0.5 * y
+    y = x + 1.5 * y
     return np.asarray(loss.l2_normalize(x)), np.asarray(loss.l2_normalize(y))
 
 
@@ -39,6 +39,14 @@ def test_dense_loss_is_the_paper_formula(batch):
     np.testing.assert_allclose(loss.sigmoid_loss(x, y, t, b), paper_formula(x, y, t, b), rtol=1e-5)
     t, b = 0.3, 1.5  # away from the init, where positives and negatives weigh alike
     np.testing.assert_allclose(loss.sigmoid_loss(x, y, t, b), paper_formula(x, y, t, b), rtol=1e-5)
+
+
+def test_retrieval_top1_counts_rows_whose_own_column_wins():
+    x = np.eye(4, 3, dtype=np.float32)  # rows 0..2 one-hot, row 3 zero
+    y = np.array([[1, 0, 0], [0, 0, 1], [0, 0, 1], [1, 0, 0]], np.float32)
+    # Row 0: column 0 wins (correct). Row 1: all ties at 0, argmax 0 (wrong). Row 2: columns 1
+    # and 2 tie, argmax 1 (wrong). Row 3: all zero, argmax 0 (wrong).
+    assert loss.retrieval_top1(x, y) == 0.25
 
 
 def test_l2_normalize_matches_big_vision_epsilon():
@@ -66,8 +74,10 @@ def test_chunked_loss_equals_dense_in_value_and_gradient(data, fsdp, batch):
         return loss.chunked_sigmoid_loss(x, y, t, b, mesh)
 
     dense_value, dense_grads = jax.value_and_grad(loss.sigmoid_loss, argnums=(0, 1, 2, 3))(x, y, t, b)
-    value, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2, 3)))(xs, ys, t, b)
+    (value, top1), grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2, 3), has_aux=True))(xs, ys, t, b)
     np.testing.assert_allclose(value, dense_value, rtol=1e-5)
+    assert top1 == loss.retrieval_top1(x, y)
+    assert batch < 12 or 0 < top1 < 1  # a top-1 of 0 or 1 would prove little
     for name, g, dense_g in zip(("z_image", "z_action", "t", "b"), grads, dense_grads):
         np.testing.assert_allclose(g, dense_g, rtol=1e-5, atol=1e-7, err_msg=name)
 
@@ -93,7 +103,7 @@ def test_chunked_loss_never_builds_a_global_block():
     x, y = embeddings(batch, seed=0)
 
     def chunked(x, y):
-        return loss.chunked_sigmoid_loss(x, y, 0.0, 0.0, mesh)
+        return loss.chunked_sigmoid_loss(x, y, 0.0, 0.0, mesh)[0]
 
     jaxpr = jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(x, y).jaxpr
     shard_map_eqns = [e for e in jaxpr.eqns if e.primitive.name == "shard_map"]
