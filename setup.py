@@ -38,10 +38,12 @@ setuptools.setup(
     extras_require={"test": ["pytest", "pytest-xdist"]},
     entry_points={
         "console_scripts": [
+            "caip-demo=tools.demo:run",
             "caip-inspect=tools.inspect_records:run",
             "caip-make-records=tools.make_records:run",
             "caip-model-info=tools.model_info:run",
             "caip-records-to-tfds=tools.records_to_tfds:run",
+            "caip-train=tools.train:run",
         ],
     },
 )

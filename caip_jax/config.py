@@ -3,6 +3,8 @@ import math
 
 import ml_collections
 
+from caip_jax import optim
+
 
 def model_config(variant: str = "L/16") -> ml_collections.ConfigDict:
     """The `model` part of a run config: SigLIP 2 towers of `variant`, the paper's action tower."""
@@ -35,8 +37,25 @@ def model_config(variant: str = "L/16") -> ml_collections.ConfigDict:
 
 
 def base_config(variant: str = "L/16") -> ml_collections.ConfigDict:
-    """A full run config for `variant`."""
+    """A full run config for `variant`: the paper's setup, with pod-scale defaults."""
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.total_steps = 100_000
+    config.batch_size = 16_384  # global, over all processes and devices
     config.model = model_config(variant)
+    config.data = ml_collections.ConfigDict(
+        dict(
+            train="",  # a record set directory (caip-make-records) or its TFDS version directory
+            tokenizer="",  # sentencepiece .model or HF tokenizer directory (SigLIP 2's Gemma)
+            delta="anchor",  # action deltas against the anchor step, or "step" (k - 1)
+            normalize=True,  # action mean/std from the record set's stats.json
+            workers=8,  # loader processes per host (grain); the batch order does not depend on it
+        )
+    )
+    # Device mesh: batch over data x fsdp, parameters over fsdp (and tensor); -1: the rest.
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    config.optim = optim.optim_config()
+    config.init = ml_collections.ConfigDict(dict(siglip2=""))  # SigLIP 2 .npz or HF directory
+    config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
+    config.log = ml_collections.ConfigDict(dict(every_steps=50))
     return config

@@ -3,6 +3,8 @@ summary.json), in parallel over episodes. Failed episodes are skipped, counted a
 
   caip-make-records --source egodex --input /data/egodex --output /data/records/egodex --workers 16
   caip-make-records --source demo_world --output /tmp/demo/records --option num_episodes=200
+  caip-make-records --source demo_world --output /tmp/demo/records --option num_episodes=200 \
+      --beam -- --runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing
   caip-make-records --source lerobot --input /data/robot --output /data/records/robot \\
       --option video_key=observation.images.head --option right_pose=observation.state[0:7]
 """
@@ -22,6 +24,7 @@ flags.DEFINE_integer("horizon", convert.ConvertOptions.horizon, "Future steps pe
 flags.DEFINE_integer("stride", convert.ConvertOptions.stride, "Steps (at 30 Hz) between anchors.")
 flags.DEFINE_integer("jpeg_short_side", convert.ConvertOptions.jpeg_short_side, "Short side of stored frames.")
 flags.DEFINE_multi_string("option", [], "Source option key=value (value parsed as JSON if it can be).")
+flags.DEFINE_bool("beam", False, "Convert on Apache Beam; Beam pipeline options follow `--`.")
 FLAGS = flags.FLAGS
 
 
@@ -36,19 +39,22 @@ def parse_option(text: str):
 
 
 def main(argv):
-    del argv
     options = convert.ConvertOptions(
         horizon=FLAGS.horizon, stride=FLAGS.stride, jpeg_short_side=FLAGS.jpeg_short_side
     )
-    summary = convert.convert(
-        FLAGS.source,
-        FLAGS.input,
-        FLAGS.output,
-        options,
-        dict(parse_option(o) for o in FLAGS.option),
-        workers=FLAGS.workers,
-        shards=FLAGS.shards,
-    )
+    source_options = dict(parse_option(o) for o in FLAGS.option)
+    if FLAGS.beam:
+        from caip_jax.data import beam
+
+        summary = beam.convert_with_beam(
+            FLAGS.source, FLAGS.input, FLAGS.output, options, source_options, FLAGS.shards, argv[1:]
+        )
+    elif len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]} (Beam options need --beam)")
+    else:
+        summary = convert.convert(
+            FLAGS.source, FLAGS.input, FLAGS.output, options, source_options, FLAGS.workers, FLAGS.shards
+        )
     print(
         f"{summary['episodes_converted']} of {summary['episodes_listed']} episodes -> "
         f"{summary['records']} records ({summary['bytes_per_record'] / 1024:.1f} KiB each) in "

@@ -152,6 +152,19 @@ class Summary:
         if result.invalidated_hand_frames:
             self.invalidated_hand_frames[result.episode_id] = result.invalidated_hand_frames
 
+    def merge(self, other: "Summary") -> "Summary":
+        """The Summary of both (which hold disjoint episodes), as parallel workers need."""
+        out = Summary()
+        out.converted, out.records, out.bytes = (
+            self.converted + other.converted,
+            self.records + other.records,
+            self.bytes + other.bytes,
+        )
+        out.failed = {**self.failed, **other.failed}
+        out.invalidated_hand_frames = {**self.invalidated_hand_frames, **other.invalidated_hand_frames}
+        out.stats = {delta: stats.merge(other.stats[delta]) for delta, stats in self.stats.items()}
+        return out
+
     def to_json(self, **extra) -> dict:
         return dict(
             extra,

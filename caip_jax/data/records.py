@@ -24,6 +24,7 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
+WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access for grain
 SHARD_PATTERN = "records-{index:05d}-of-{count:05d}.array_record"
 
 
@@ -83,7 +84,7 @@ class ShardWriter:
     def __init__(self, directory: str, count: int):
         os.makedirs(directory, exist_ok=True)
         self._paths = [os.path.join(directory, SHARD_PATTERN.format(index=i, count=count)) for i in range(count)]
-        self._writers = [array_record_module.ArrayRecordWriter(p, "group_size:1") for p in self._paths]
+        self._writers = [array_record_module.ArrayRecordWriter(p, WRITER_OPTIONS) for p in self._paths]
         self._written = [0] * count
 
     def write_episode(self, episode_number: int, records: list[bytes]) -> None:

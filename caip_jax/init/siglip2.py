@@ -166,7 +166,7 @@ def replace_towers(params: Mapping, flat: Mapping[str, np.ndarray], towers=("img
     ]
     if problems:
         raise ValueError("The SigLIP checkpoint does not fit the CAIP config. " + "; ".join(problems))
-    current.update({k: np.asarray(v, dtype=np.asarray(current[k]).dtype) for k, v in flat.items()})
+    current.update({k: np.asarray(v, dtype=current[k].dtype) for k, v in flat.items()})
     return traverse_util.unflatten_dict(current, sep="/")
 
 

@@ -66,6 +66,34 @@ class MlpBlock(nn.Module):
         )(x)
 
 
+class Projection(nn.Module):
+    """x @ kernel + bias over the last `contract` axes of x, with the kernel [*in, *features]
+    created in that shape (Flax's DenseGeneral layout).
+
+    Not nn.DenseGeneral itself: it initialises a flattened 2-D kernel and reshapes it, and
+    under logical-axis rules its 2-D box cannot take the kernel's 3-D axis names.
+    """
+
+    features: tuple[int, ...]
+    names: tuple[str | None, ...]  # logical names of the kernel's axes, inputs first
+    contract: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        inputs = x.shape[-self.contract :]
+        axes_in = tuple(range(self.contract))
+        axes_out = tuple(range(self.contract, self.contract + len(self.features)))
+        # Xavier-uniform over the flattened [prod(in), prod(out)] matrix, as Flax's MHA.
+        init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=axes_in, out_axis=axes_out)
+        kernel = self.param("kernel", logical(init, *self.names), (*inputs, *self.features))
+        bias = self.param(
+            "bias", logical(nn.initializers.zeros, *self.names[self.contract :]), self.features
+        )
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.contract)
+        return y + bias.astype(self.dtype)
+
+
 class MultiHeadDotProductAttention(nn.Module):
     """Multi-head attention with Flax's parameter layout: query/key/value kernels [D, H, K],
     out kernel [H, K, D].
@@ -85,15 +113,11 @@ class MultiHeadDotProductAttention(nn.Module):
         out [B, Q, D], weights [B, H, Q, N]."""
         width = inputs_q.shape[-1]
         head_dim = width // self.num_heads
-        projection = dict(
-            features=(self.num_heads, head_dim),
-            dtype=self.dtype,
-            kernel_init=logical(nn.initializers.xavier_uniform(), "embed", "heads", "kv"),
-            bias_init=logical(nn.initializers.zeros, "heads", "kv"),
-        )
-        q = nn.DenseGeneral(name="query", **projection)(inputs_q)
-        k = nn.DenseGeneral(name="key", **projection)(inputs_kv)
-        v = nn.DenseGeneral(name="value", **projection)(inputs_kv)
+        heads = (self.num_heads, head_dim)
+        names = ("embed", "heads", "kv")
+        q = Projection(heads, names, dtype=self.dtype, name="query")(inputs_q)
+        k = Projection(heads, names, dtype=self.dtype, name="key")(inputs_kv)
+        v = Projection(heads, names, dtype=self.dtype, name="value")(inputs_kv)
 
         logits = jnp.einsum("bqhk,bnhk->bhqn", q, k, preferred_element_type=jnp.float32)
         logits = logits * head_dim**-0.5
@@ -103,15 +127,7 @@ class MultiHeadDotProductAttention(nn.Module):
             logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
         weights = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bhqn,bnhk->bqhk", weights.astype(v.dtype), v)
-
-        out = nn.DenseGeneral(
-            features=width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            kernel_init=logical(nn.initializers.xavier_uniform(), "heads", "kv", "embed"),
-            bias_init=logical(nn.initializers.zeros, "embed"),
-            name="out",
-        )(out)
+        out = Projection((width,), ("heads", "kv", "embed"), contract=2, dtype=self.dtype, name="out")(out)
         return out, weights
 
 

@@ -1,0 +1,246 @@
+"""The training loop: init (random or SigLIP 2) or restore, the jitted sharded step, metrics,
+checkpoints and preemption. Every process of a multi-host run runs `train` with the same config.
+"""
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from caip_jax import loss, optim, sharding
+from caip_jax.checkpoint import Checkpoints
+from caip_jax.data import pipeline, records
+from caip_jax.data.tokenizer import Tokenizer
+from caip_jax.init import siglip2
+from caip_jax.metrics import MetricsLog, peak_flops_per_device
+from caip_jax.models import dummy_inputs, model_from_config
+
+BATCH_KEYS = ("image", "text", "action", "action_mask")
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run is made of, built the same way by training, import and export tools."""
+
+    model: nn.Module
+    mesh: jax.sharding.Mesh
+    param_shardings: Any
+    init_fn: Any  # rng -> boxed variables
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+    model = model_from_config(config.model)
+    mesh = sharding.make_mesh(config.mesh)
+    inputs = dummy_inputs(config.model)
+    init_fn = lambda rng: model.init(rng, **inputs)["params"]
+    shardings = sharding.param_shardings(jax.eval_shape(init_fn, jax.random.key(0)), mesh)
+    return Setup(model, mesh, shardings, init_fn)
+
+
+def abstract_params(run: Setup) -> Any:
+    """Shapes, dtypes and shardings of the parameters (restore targets)."""
+    shapes = nn.unbox(jax.eval_shape(run.init_fn, jax.random.key(0)))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, run.param_shardings)
+
+
+def initial_params(run: Setup, seed: int, siglip2_path: str = "") -> Any:
+    """Random parameters created on their shards; with `siglip2_path`, the image and text towers
+    (and t, b) replaced by SigLIP 2's, each process reading only the slices its devices hold."""
+    params, _ = sharding.sharded_init(run.init_fn, jax.random.key(seed), run.mesh)
+    if not siglip2_path:
+        return params
+    loaded = siglip2.init_from_siglip2(abstract_params(run), siglip2_path)
+    place = lambda value, current: (
+        current
+        if isinstance(value, jax.ShapeDtypeStruct)
+        else jax.make_array_from_callback(value.shape, current.sharding, lambda index: value[index])
+    )
+    return jax.tree.map(place, loaded, params)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh):
+    """(params, opt_state, batch) -> (params, opt_state, metrics): forward, the ring sigmoid
+    loss, backward, optimizer update."""
+
+    def loss_fn(params, batch):
+        out = model.apply(
+            {"params": params},
+            pipeline.unit_range(batch["image"]),
+            batch["text"],
+            batch["action"],
+            batch["action_mask"],
+        )
+        z_image = loss.l2_normalize(out["image_pooled"])
+        z_action = loss.l2_normalize(out["action_embedding"])
+        return loss.chunked_sigmoid_loss(z_image, z_action, params["t"], params["b"], mesh)
+
+    def step(params, opt_state, batch):
+        (value, top1), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = dict(
+            loss=value,
+            top1=top1,
+            grad_norm=optax.tree.norm(grads),
+            temperature=jnp.exp(params["t"]),
+            bias=params["b"],
+        )
+        return params, opt_state, metrics
+
+    return step
+
+
+class Preemption:
+    """Turns SIGTERM (how pods announce preemption) into a flag that all processes agree on at
+    a step boundary, so that they save the same step and exit."""
+
+    def __init__(self):
+        self._received = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the next step, then exiting")
+        self._received = True
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self._received
+        return bool(multihost_utils.process_allgather(np.int32(self._received)).any())
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def global_batch(local: dict, batch_sharding) -> dict:
+    """This process's rows -> global arrays over the mesh."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, local[k]) for k in BATCH_KEYS}
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+    """Refuses data that cannot fit the model before any step runs: token ids beyond the
+    embedding table would read garbage (NaN on some backends), not fail."""
+    vocab = Tokenizer(config.data.tokenizer, config.model.text.length).vocab_size
+    if vocab > config.model.text.vocab_size:
+        raise ValueError(
+            f"data.tokenizer={config.data.tokenizer!r} has {vocab} ids but model.text.vocab_size="
+            f"{config.model.text.vocab_size}: set model.text.vocab_size to at least {vocab}"
+        )
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        records.write_json(workdir, "config.json", config.to_dict())
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir` if there
+    is one. Returns the last logged metrics."""
+    check_data(config)
+    save_config(config, workdir)
+    run = setup(config)
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    params_abstract = abstract_params(run)
+    opt_shardings = optim.state_shardings(tx, params_abstract, run.param_shardings, sharding.replicated(run.mesh))
+    opt_abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(tx.init, params_abstract),
+        opt_shardings,
+    )
+    init_opt = jax.jit(tx.init, out_shardings=opt_shardings)
+
+    data = config.data
+    stats = records.read_json(data.train, "stats.json") if data.normalize else None
+    preprocess = pipeline.Preprocess(
+        data.tokenizer,
+        config.model.image_size,
+        config.model.text.length,
+        config.model.action.horizon,
+        data.delta,
+        stats=stats,
+    )
+    batches = pipeline.train_batches(
+        data.train, preprocess, config.batch_size, config.seed, jax.process_index(), jax.process_count()
+    )
+    iterator = pipeline.iterate(batches, workers=data.workers)
+
+    checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
+    start = checkpoints.latest_step()
+    if start is None:
+        start = 0
+        params = initial_params(run, config.seed, config.init.siglip2)
+        opt_state = init_opt(params)
+    else:
+        logging.info("resuming from step %d in %s", start, checkpoints.directory)
+        restored = checkpoints.restore(start, params_abstract, opt_abstract, iterator)
+        params = restored["params"]
+        opt_state = restored["opt_state"] if "opt_state" in restored else init_opt(params)
+
+    batch_sharding = sharding.batch_sharding(run.mesh)
+    replicated = sharding.replicated(run.mesh)
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        step_fn = jax.jit(
+            make_train_step(run.model, tx, run.mesh),
+            in_shardings=(run.param_shardings, opt_shardings, batch_sharding),
+            out_shardings=(run.param_shardings, opt_shardings, replicated),
+            donate_argnums=(0, 1),
+        )
+        first = global_batch(next(iterator), batch_sharding)
+        compiled = step_fn.lower(params, opt_state, first).compile()
+    flops = compiled.cost_analysis().get("flops", 0.0) if compiled.cost_analysis() else 0.0
+    peak = peak_flops_per_device(jax.devices()[0])
+
+    log = MetricsLog(workdir, total_steps=config.total_steps, start=start)
+    preemption = Preemption()
+    # With gradient accumulation every optimizer step takes `accum` micro-batches; steps,
+    # checkpoints and the schedule count optimizer steps.
+    accum = config.optim.accum_steps
+    last, batch, timer, steps_timed = {}, first, time.perf_counter(), 0
+    try:
+        for micro_step in range(start * accum + 1, config.total_steps * accum + 1):
+            params, opt_state, metrics = compiled(params, opt_state, batch)
+            if micro_step % accum:
+                batch = global_batch(next(iterator), batch_sharding)
+                continue
+            step = micro_step // accum
+            steps_timed += 1
+            final = step == config.total_steps
+            if step % config.log.every_steps == 0 or final or step == start + 1:
+                metrics = jax.device_get(metrics)
+                elapsed = (time.perf_counter() - timer) / steps_timed
+                last = dict(
+                    {k: float(v) for k, v in metrics.items()},
+                    step=step,
+                    learning_rate=float(schedule(step - 1)),
+                    chance_top1=1.0 / config.batch_size,
+                    step_time=elapsed,
+                    samples_per_second=config.batch_size * accum / elapsed,
+                    flops_per_device=flops * accum,
+                    mfu=flops * accum / elapsed / peak if peak else None,
+                )
+                log.write(last)
+                timer, steps_timed = time.perf_counter(), 0
+            log.advance()
+            stop = preemption.requested()
+            if step % config.checkpoint.every_steps == 0 or final or stop:
+                checkpoints.save(step, params, opt_state, iterator, config)
+                if stop and not final:
+                    logging.warning("saved step %d after SIGTERM; exiting", step)
+                    break
+            if not final:
+                batch = global_batch(next(iterator), batch_sharding)
+    finally:
+        preemption.restore()
+        checkpoints.close()
+        log.close()
+        iterator.close()
+    return last

@@ -1,0 +1,31 @@
+"""The README's main job: demo-world records, then training configs/demo.py on this machine.
+
+  caip-demo --workdir workdirs/demo [--config configs/demo.py] [--num_episodes 160]
+"""
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
+config_flags.DEFINE_config_file("config", DEMO_CONFIG, "The demo config.", lock_config=True)
+flags.DEFINE_string("workdir", "workdirs/demo", "Data and the training run go here.")
+flags.DEFINE_integer("num_episodes", 160, "Demo-world episodes to generate.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from caip_jax import demo
+
+    final = demo.run(FLAGS.config, FLAGS.workdir, FLAGS.num_episodes)
+    print(f"in-batch retrieval top-1 (image+text -> action) at the end: {final['top1']:.3f} "
+          f"(chance {final['chance_top1']:.3f}); metrics in {FLAGS.workdir}/train/metrics.jsonl")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,45 @@
+"""Trains CAIP. Every process of a multi-host run starts this with the same flags.
+
+  caip-train --config configs/caip_vitl16_256.py --workdir gs://bucket/run \\
+      --config.data.train=gs://bucket/records --config.data.tokenizer=gs://bucket/gemma.model \\
+      --multihost                                     # TPU pod: jax.distributed.initialize()
+  caip-train --config configs/demo.py --workdir /tmp/run --config.data.train=... \\
+      --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0   # explicit
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config go here.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, SLURM, ...).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for explicit multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+FLAGS = flags.FLAGS
+
+
+def initialize_distributed():
+    """Before anything touches the JAX backend: join the other processes, if any."""
+    import jax
+
+    if FLAGS.coordinator_address:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.multihost:
+        jax.distributed.initialize()
+
+
+def main(argv):
+    del argv
+    initialize_distributed()
+    from caip_jax import train
+
+    train.train(FLAGS.config, FLAGS.workdir)
+
+
+def run():
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
