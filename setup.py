@@ -39,6 +39,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "caip-demo=tools.demo:run",
+            "caip-import-siglip2=tools.import_siglip2:run",
             "caip-inspect=tools.inspect_records:run",
             "caip-make-records=tools.make_records:run",
             "caip-model-info=tools.model_info:run",

@@ -142,6 +142,19 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         records.write_json(workdir, "config.json", config.to_dict())
 
 
+def import_siglip2(config: ml_collections.ConfigDict, path: str, workdir: str) -> int:
+    """Writes step 0 of `workdir` (params and config, no optimizer state) with SigLIP 2's towers
+    from `path`; `train` continues from it. Refuses a workdir that already has checkpoints."""
+    checkpoints = Checkpoints(workdir)
+    if checkpoints.latest_step() is not None:
+        raise ValueError(f"{workdir} already holds step {checkpoints.latest_step()}: use a new workdir")
+    params = initial_params(setup(config), config.seed, path)
+    checkpoints.save(0, params, config=config)
+    checkpoints.close()
+    save_config(config, workdir)
+    return 0
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir` if there
     is one. Returns the last logged metrics."""

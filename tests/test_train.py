@@ -1,4 +1,5 @@
-"""Training: exact resume after SIGTERM, sharded parameters, multi-host against one host."""
+"""Training: exact resume after SIGTERM, sharded parameters, multi-host against one host,
+starting from SigLIP 2."""
 import json
 import os
 import signal
@@ -10,10 +11,13 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
+import tiny
 import tiny_run_config
 from caip_jax import train
 from caip_jax.checkpoint import Checkpoints
+from caip_jax.init import siglip2
 from caip_jax.models import summary
 
 
@@ -141,3 +145,31 @@ def test_two_processes_train_like_one(record_set, tmp_path):
     assert step_a == step_b == config.total_steps
     flat = lambda tree: np.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
     assert np.linalg.norm(flat(a) - flat(b)) < 1e-4 * np.linalg.norm(flat(a))
+
+
+def test_siglip2_import_and_init_siglip2_start_the_same_run(record_set, tmp_path):
+    """caip-import-siglip2's step 0 holds the HF towers and caip-train continues from it; the
+    config field init.siglip2 starts training from the very same parameters."""
+    hf_config = tiny.hf_siglip_config()
+    hf_config.text_config.vocab_size = 300  # as tiny_run_config's model
+    hf = tiny.random_hf_siglip(hf_config, seed=3)
+    hf_dir = str(tmp_path / "hf")
+    hf.save_pretrained(hf_dir)
+    config = run_config(record_set)
+    config.total_steps = 2
+
+    imported = str(tmp_path / "imported")
+    assert train.import_siglip2(config, hf_dir, imported) == 0
+    step, params = final_params(config, imported)
+    expected = siglip2.from_hf_state_dict(tiny.state_dict_numpy(hf), tiny.HEADS)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    assert step == 0 and {k for k in flat if k.split("/")[0] in ("img", "txt", "t", "b")} == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(flat[name], value, err_msg=name)
+    train.train(config, imported)
+
+    config.init.siglip2 = hf_dir
+    direct = str(tmp_path / "direct")
+    train.train(config, direct)
+    for step in (1, 2):
+        assert metrics(direct)[step]["loss"] == metrics(imported)[step]["loss"]
