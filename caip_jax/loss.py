@@ -8,6 +8,8 @@ multi-device form: each device scores its local pairs, then passes its action em
 a ring of devices and scores them as negatives, so no device holds more than a [b, b] block
 (b = B / devices) and no embedding is ever gathered.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -71,10 +73,14 @@ def chunked_sigmoid_loss(
     # Device i sends to i + 1, so after s shifts it holds the actions of device i - s.
     shift = [(i, (i + 1) % n) for i in range(n)]
 
+    # Recomputed in the backward pass: otherwise the scan would keep every step's [b, b]
+    # logits for it, O(B b) memory in all, as much as the dense form.
+    negative_block = jax.checkpoint(functools.partial(_block, positives_on_diagonal=False))
+
     def local(z_img, z_act, t, b):
         def negatives(carry, z_other):
             total, best = carry
-            block_sum, block_best, _ = _block(z_img, z_other, t, b, positives_on_diagonal=False)
+            block_sum, block_best, _ = negative_block(z_img, z_other, t, b)
             return total + block_sum, jnp.maximum(best, block_best)
 
         total, best, positive = _block(z_img, z_act, t, b, positives_on_diagonal=True)
