@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the bundled tiny default (configs/demo.py).
+# The main job on the bundled tiny default: demo-world records, a tokenizer, and training
+# configs/demo.py on this machine. Extra arguments go to caip-demo (e.g. --workdir DIR).
 source "$(dirname "$0")/setup.sh"
-caip-model-info --config configs/demo.py --forward --batch 8
+exec caip-demo --workdir workdirs/demo "$@"

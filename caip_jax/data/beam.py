@@ -37,6 +37,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.portability import fn_api_runner
 from apache_beam.runners.runner import PipelineState
 from array_record.python import array_record_module
 
@@ -169,6 +170,16 @@ def build(pipeline: beam.Pipeline, keys: list[str], source: str, input_path: str
     )
 
 
+def _local_runner(pipeline_options: PipelineOptions):
+    """For DirectRunner (the default), Beam's FnApiRunner itself, which honours
+    --direct_num_workers and --direct_running_mode. Beam 2.77's DirectRunner would first try
+    Prism, which downloads its binary from GitHub at run time, then fall back to the same
+    FnApiRunner. Other runners (Dataflow, Flink, Spark) are left to Beam: None."""
+    if (pipeline_options.view_as(StandardOptions).runner or "DirectRunner") != "DirectRunner":
+        return None
+    return fn_api_runner.FnApiRunner()
+
+
 def convert_with_beam(
     source: str,
     input_path: str,
@@ -194,7 +205,7 @@ def convert_with_beam(
         raise FileNotFoundError(f"Source {source!r} found no episodes under {input_path!r}")
     pipeline_options = PipelineOptions(pipeline_args)
     start = time.time()
-    pipeline = beam.Pipeline(options=pipeline_options)
+    pipeline = beam.Pipeline(runner=_local_runner(pipeline_options), options=pipeline_options)
     build(pipeline, keys, source, input_path, output_dir, options, source_options, shards)
     result = pipeline.run()
     state = result.wait_until_finish()
