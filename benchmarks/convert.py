@@ -8,14 +8,13 @@ Figures (episodes/s and source frames/s, wall time of the whole call, start-up i
 with 1 and 2 worker processes (multi_processing). Every run must write the same shards; the
 benchmark checks it. Writes benchmarks/results/convert.json.
 """
-import json
 import os
-import platform
 import tempfile
 import time
 
 from absl import app, flags
 
+import results_io
 from caip_jax.data import convert, records
 from caip_jax.data.beam import convert_with_beam
 
@@ -97,17 +96,9 @@ def main(argv):
         image_size=FLAGS.image_size,
         shards=FLAGS.shards,
         identical_shards=True,
-        machine=dict(
-            cpus=os.cpu_count(),
-            processor=platform.processor() or platform.machine(),
-            # 1-minute load average around the run: other processes on the machine skew the figures
-            load_average=[load_before, os.getloadavg()[0]],
-        ),
+        machine=dict(results_io.machine(), load_average_before=load_before),
     )
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "convert.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    results_io.write("convert", result)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,14 @@ pipeline at >= 80% of raw decode per worker, and near-linear scaling from 1 to 2
 Writes benchmarks/results/pipeline.json.
 """
 import io
-import json
 import os
-import platform
 import tempfile
 import time
 
 from absl import app, flags
 from PIL import Image
 
+import results_io
 from caip_jax.data import convert, pipeline, records, tokenizer
 from caip_jax.data.sources import demo_world
 
@@ -75,13 +74,9 @@ def main(argv):
         image_size=SIZE,
         stored_jpeg_pixels=list(Image.open(io.BytesIO(jpegs[0])).size),
         records=len(jpegs),
-        machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine()),
+        machine=results_io.machine(),
     )
-    print(json.dumps(result, indent=1))
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pipeline.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    results_io.write("pipeline", result)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ compiled step, and MFU against the device's data-sheet peak (accelerators) and a
 machine's own dense matmul FLOP/s measured in the same run (every device, CPUs included). Then
 the per-device temporary memory XLA plans for the gradient of the ring (chunked) sigmoid loss
 against the all-gathered dense one, for a global batch of 16k on 8 devices (virtual CPU devices
-if no accelerator). Writes benchmarks/results/train_step.json.
+if no accelerator). Writes benchmarks/results/train_step_PLATFORM.json.
 """
 import os
 
@@ -17,8 +17,6 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import importlib.util
-import json
-import platform
 import time
 
 import flax.linen as nn
@@ -28,6 +26,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import results_io
 from caip_jax import config as caip_config
 from caip_jax import loss, optim, sharding, train
 from caip_jax.metrics import peak_flops_per_device
@@ -134,16 +133,12 @@ def main(argv):
     result = dict(
         device=device.device_kind,
         platform=device.platform,
-        machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine()),
+        machine=results_io.machine(),
         measured_matmul_flops_per_second=device_flops,
         steps=[step_figures(v, device_flops) for v in FLAGS.variants],
         loss_memory=loss_memory(),
     )
-    print(json.dumps(result, indent=1))
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"train_step_{device.platform}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    results_io.write(f"train_step_{device.platform}", result)
 
 
 if __name__ == "__main__":
