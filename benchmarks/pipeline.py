@@ -61,7 +61,7 @@ def main(argv):
 
     stats = records.read_json(directory, "stats.json")
     preprocess = pipeline.Preprocess(spm, SIZE, 64, 64, stats=stats)
-    batches = pipeline.train_batches(directory, preprocess, FLAGS.batch, seed=0)
+    batches = pipeline.train_batches([(directory, preprocess, 1.0)], FLAGS.batch, seed=0)
     figures = dict(raw_decode=rate(raw_decode, 1, FLAGS.seconds))
     for name, workers in (("pipeline_in_process", 0), ("pipeline_1_worker", 1), ("pipeline_2_workers", 2)):
         iterator = pipeline.iterate(batches, workers=workers, threads=1)

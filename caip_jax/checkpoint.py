@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 PyTree = Any
-ITEMS = {"params", "opt_state", "data", "config"}
+ITEMS = {"params", "opt_state", "data", "config", "progress"}
 
 
 def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
@@ -43,6 +43,7 @@ class Checkpoints:
                 opt_state=ocp.StandardCheckpointHandler(),
                 data=grain.checkpoint.CheckpointHandler(),
                 config=ocp.JsonCheckpointHandler(),
+                progress=ocp.JsonCheckpointHandler(),
             ),
         )
 
@@ -78,8 +79,10 @@ class Checkpoints:
         opt_state: PyTree | None = None,
         data_iterator: Any = None,
         config: ml_collections.ConfigDict | None = None,
+        progress: dict | None = None,
     ) -> None:
-        """Starts saving (asynchronously unless disabled); `wait` blocks until it is on disk."""
+        """Starts saving (asynchronously unless disabled); `wait` blocks until it is on disk.
+        `progress`: JSON counters of the run (e.g. samples seen per source)."""
         args = dict(params=ocp.args.StandardSave(params))
         if opt_state is not None:
             args["opt_state"] = ocp.args.StandardSave(opt_state)
@@ -87,6 +90,8 @@ class Checkpoints:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             args["config"] = ocp.args.JsonSave(config.to_dict())
+        if progress is not None:
+            args["progress"] = ocp.args.JsonSave(progress)
         self._manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def restore(
@@ -96,7 +101,8 @@ class Checkpoints:
         abstract_opt_state: PyTree | None = None,
         data_iterator: Any = None,
     ) -> dict[str, Any]:
-        """Restores `params` (and `opt_state`, and the iterator in place, when given) at `step`.
+        """Restores `params` (and `opt_state`, and the iterator in place, when given; and
+        `progress` if stored) at `step`.
 
         The abstract trees (jax.ShapeDtypeStruct with shardings, e.g. from `jax.eval_shape`)
         say where each array goes: a checkpoint restores onto any mesh. A tree whose shapes
@@ -109,6 +115,8 @@ class Checkpoints:
             args["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         if data_iterator is not None and "data" in stored:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if "progress" in stored:
+            args["progress"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         return {name: restored[name] for name in args}
 

@@ -45,10 +45,13 @@ def base_config(variant: str = "L/16") -> ml_collections.ConfigDict:
     config.model = model_config(variant)
     config.data = ml_collections.ConfigDict(
         dict(
-            train="",  # a record set directory (caip-make-records) or its TFDS version directory
+            # A record set directory (caip-make-records) or its TFDS version directory; or a
+            # weighted mixture of named sets: "lab:0.3:/data/lab,wild:0.65:/data/wild,robot:0.05:/r".
+            train="",
             tokenizer="",  # sentencepiece .model or HF tokenizer directory (SigLIP 2's Gemma)
             delta="anchor",  # action deltas against the anchor step, or "step" (k - 1)
-            normalize=True,  # action mean/std from the record set's stats.json
+            normalize=True,  # action mean/std from the record sets' stats.json
+            stats="mixture",  # normalise with the mixture's statistics, or "per_source"
             workers=8,  # loader processes per host (grain); the batch order does not depend on it
         )
     )

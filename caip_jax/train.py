@@ -125,6 +125,32 @@ def global_batch(local: dict, batch_sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sharding, local[k]) for k in BATCH_KEYS}
 
 
+def training_batches(config: ml_collections.ConfigDict) -> tuple[list[pipeline.Source], Any]:
+    """The sources of `data.train` and this process's training batches. Actions are
+    normalised with the mixture's statistics, or each source with its own
+    (`data.stats="per_source"`: robot end-effectors and human hands move on other scales)."""
+    data = config.data
+    sources = pipeline.parse_sources(data.train)
+    stats = [records.read_json(s.path, "stats.json") if data.normalize else None for s in sources]
+    if data.normalize and data.stats == "mixture":
+        stats = [pipeline.mixture_stats(stats, [s.weight for s in sources])] * len(sources)
+    elif data.stats not in ("mixture", "per_source"):
+        raise ValueError(f"data.stats={data.stats!r} is not 'mixture' or 'per_source'")
+    model = config.model
+    preprocess = lambda st: pipeline.Preprocess(
+        data.tokenizer, model.image_size, model.text.length, model.action.horizon, data.delta, stats=st
+    )
+    mixture = [(s.path, preprocess(st), s.weight) for s, st in zip(sources, stats)]
+    batches = pipeline.train_batches(mixture, config.batch_size, config.seed, jax.process_index(), jax.process_count())
+    return sources, batches
+
+
+def all_processes_sum(counts: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return counts
+    return multihost_utils.process_allgather(counts).sum(axis=0)
+
+
 def check_data(config: ml_collections.ConfigDict) -> None:
     """Refuses data that cannot fit the model before any step runs: token ids beyond the
     embedding table would read garbage (NaN on some backends), not fail."""
@@ -171,20 +197,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     init_opt = jax.jit(tx.init, out_shardings=opt_shardings)
 
-    data = config.data
-    stats = records.read_json(data.train, "stats.json") if data.normalize else None
-    preprocess = pipeline.Preprocess(
-        data.tokenizer,
-        config.model.image_size,
-        config.model.text.length,
-        config.model.action.horizon,
-        data.delta,
-        stats=stats,
-    )
-    batches = pipeline.train_batches(
-        data.train, preprocess, config.batch_size, config.seed, jax.process_index(), jax.process_count()
-    )
-    iterator = pipeline.iterate(batches, workers=data.workers)
+    sources, batches = training_batches(config)
+    iterator = pipeline.iterate(batches, workers=config.data.workers)
 
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
     start = checkpoints.latest_step()
@@ -192,11 +206,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         start = 0
         params = initial_params(run, config.seed, config.init.siglip2)
         opt_state = init_opt(params)
+        seen = np.zeros(len(sources), np.int64)
     else:
         logging.info("resuming from step %d in %s", start, checkpoints.directory)
         restored = checkpoints.restore(start, params_abstract, opt_abstract, iterator)
         params = restored["params"]
         opt_state = restored["opt_state"] if "opt_state" in restored else init_opt(params)
+        progress = restored.get("progress", {}).get("samples_seen", {})
+        seen = np.array([progress.get(s.name, 0) for s in sources], np.int64)
 
     batch_sharding = sharding.batch_sharding(run.mesh)
     replicated = sharding.replicated(run.mesh)
@@ -207,7 +224,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             out_shardings=(run.param_shardings, opt_shardings, replicated),
             donate_argnums=(0, 1),
         )
-        first = global_batch(next(iterator), batch_sharding)
+        local = next(iterator)
+        first = global_batch(local, batch_sharding)
         compiled = step_fn.lower(params, opt_state, first).compile()
     flops = compiled.cost_analysis().get("flops", 0.0) if compiled.cost_analysis() else 0.0
     peak = peak_flops_per_device(jax.devices()[0])
@@ -218,16 +236,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # checkpoints and the schedule count optimizer steps.
     accum = config.optim.accum_steps
     last, batch, timer, steps_timed = {}, first, time.perf_counter(), 0
+    local_seen = np.zeros(len(sources), np.int64)  # this process's rows since the start or resume
     try:
         for micro_step in range(start * accum + 1, config.total_steps * accum + 1):
             params, opt_state, metrics = compiled(params, opt_state, batch)
+            local_seen += np.bincount(local["source_index"], minlength=len(sources))
             if micro_step % accum:
-                batch = global_batch(next(iterator), batch_sharding)
+                local = next(iterator)
+                batch = global_batch(local, batch_sharding)
                 continue
             step = micro_step // accum
             steps_timed += 1
             final = step == config.total_steps
-            if step % config.log.every_steps == 0 or final or step == start + 1:
+            stop = preemption.requested()
+            save = step % config.checkpoint.every_steps == 0 or final or stop
+            logged = step % config.log.every_steps == 0 or final or step == start + 1
+            if logged or save:
+                total_seen = seen + all_processes_sum(local_seen)
+            if logged:
                 metrics = jax.device_get(metrics)
                 elapsed = (time.perf_counter() - timer) / steps_timed
                 last = dict(
@@ -239,18 +265,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     samples_per_second=config.batch_size * accum / elapsed,
                     flops_per_device=flops * accum,
                     mfu=flops * accum / elapsed / peak if peak else None,
+                    **{f"seen_{s.name}": int(n) for s, n in zip(sources, total_seen)},
                 )
                 log.write(last)
                 timer, steps_timed = time.perf_counter(), 0
             log.advance()
-            stop = preemption.requested()
-            if step % config.checkpoint.every_steps == 0 or final or stop:
-                checkpoints.save(step, params, opt_state, iterator, config)
+            if save:
+                progress = dict(samples_seen={s.name: int(n) for s, n in zip(sources, total_seen)})
+                checkpoints.save(step, params, opt_state, iterator, config, progress)
                 if stop and not final:
                     logging.warning("saved step %d after SIGTERM; exiting", step)
                     break
             if not final:
-                batch = global_batch(next(iterator), batch_sharding)
+                local = next(iterator)
+                batch = global_batch(local, batch_sharding)
     finally:
         preemption.restore()
         checkpoints.close()

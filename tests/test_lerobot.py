@@ -1,5 +1,6 @@
 """The LeRobot source on tiny datasets written here in the exact v2.1 and v3.0 layouts: frames land
 on the right video offsets, poses in the wrist slot, tasks by task_index; bad input is refused."""
+import io
 import json
 import os
 
@@ -7,7 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from caip_jax import actions
+from caip_jax.data import convert, records
 from caip_jax.data.schema import EpisodeError
 from caip_jax.data.sources import lerobot
 from caip_jax.data.video import write_video
@@ -248,3 +252,30 @@ def test_video_range_disagreeing_with_parquet_is_an_episode_error(tmp_path):
     pq.write_table(table.set_column(table.schema.get_field_index(column), column, shifted), path)
     with pytest.raises(EpisodeError, match="episode_000002: 7 rows but the video range holds 8 frames"):
         lerobot.read_episode(root, "episode_000002", **OPTIONS)
+
+
+def test_converts_to_records_whose_frames_and_poses_match(dataset, tmp_path):
+    """Through caip-make-records' conversion (10 Hz resampled to 30 Hz): each sample shows the
+    marker of its own frame, and anchors on a source frame hold that frame's poses."""
+    options = convert.ConvertOptions(horizon=3, stride=1)
+    summary = convert.convert("lerobot", dataset, str(tmp_path), options, OPTIONS, shards=2)
+    assert summary["episodes_converted"] == 3 and not summary["failed"]
+    samples = [records.decode(r) for path in records.shard_paths(str(tmp_path)) for r in records.read_shard(path)]
+    by_episode = {}
+    for sample in samples:  # a shard holds whole episodes, each in anchor order
+        by_episode.setdefault(int(sample["episode_id"].removeprefix("episode_")), []).append(sample)
+    for episode, anchors in by_episode.items():
+        assert len(anchors) == 3 * LENGTHS[episode] - 5  # 30 Hz steps with 3 future steps each
+        for step, sample in enumerate(anchors):
+            frame = sample["frame_index"]
+            assert frame == (step + 1) // 3  # the source frame nearest the anchor's time
+            image = np.asarray(Image.open(io.BytesIO(sample["image"])).convert("RGB"))
+            assert read_marker(image) == (episode, frame)
+            if step % 3:
+                continue  # between source frames: interpolated poses
+            anchor = actions.decompress_poses(sample["poses"])[0]  # [2, 21, 4, 4]; camera = world
+            for hand in (0, 1):
+                # The right hand: invalid at frame 0 (its validity column) and at the NaN pose.
+                assert sample["valid"][0, hand] == (hand == 0 or (frame != 0 and (episode, frame) != NAN_FRAME))
+                if sample["valid"][0, hand]:
+                    np.testing.assert_allclose(anchor[hand, 0], pose_matrix(episode, frame, hand), atol=1e-5)

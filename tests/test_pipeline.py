@@ -2,6 +2,8 @@
 preprocessing against independent computations, corrupt records skipped by name."""
 import io
 import logging
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from PIL import Image
 
 from caip_jax import actions
 from caip_jax.data import pipeline, records, tokenizer
+from caip_jax.data.stats import RunningStats
 from test_convert import OPTIONS
 
 TEXT_LEN, IMAGE_SIZE = 8, 16  # the record_set fixture (conftest.py) holds 18 samples
@@ -23,8 +26,9 @@ def make_preprocess(record_set, **kwargs):
 @pytest.mark.parametrize("processes", [2, 3, 6])
 def test_global_batches_do_not_depend_on_the_process_count(record_set, processes):
     preprocess = make_preprocess(record_set)
-    single = pipeline.train_batches(record_set[0], preprocess, 6, seed=3)
-    parts = [pipeline.train_batches(record_set[0], preprocess, 6, 3, p, processes) for p in range(processes)]
+    sources = [(record_set[0], preprocess, 1.0)]
+    single = pipeline.train_batches(sources, 6, seed=3)
+    parts = [pipeline.train_batches(sources, 6, 3, p, processes) for p in range(processes)]
     for step in (0, 1, 5):  # 18 records: step 5 is in the third epoch, reshuffled
         for key in ("image", "text", "action", "action_mask"):
             np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), single[step][key])
@@ -32,7 +36,7 @@ def test_global_batches_do_not_depend_on_the_process_count(record_set, processes
 
 def test_epochs_are_reshuffled_permutations(record_set):
     preprocess = make_preprocess(record_set, with_metadata=True)
-    batches = pipeline.train_batches(record_set[0], preprocess, 6, seed=3)
+    batches = pipeline.train_batches([(record_set[0], preprocess, 1.0)], 6, seed=3)
     epochs = [[(e, f) for k in range(3 * i, 3 * i + 3) for e, f in zip(batches[k]["episode_id"], batches[k]["frame_index"])] for i in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) and len(set(epochs[0])) == 18
     assert epochs[0] != epochs[1]
@@ -40,7 +44,7 @@ def test_epochs_are_reshuffled_permutations(record_set):
 
 def test_workers_and_resume_give_the_same_batches(record_set):
     preprocess = make_preprocess(record_set)
-    batches = pipeline.train_batches(record_set[0], preprocess, 4, seed=0)
+    batches = pipeline.train_batches([(record_set[0], preprocess, 1.0)], 4, seed=0)
     in_process = pipeline.iterate(batches)
     first = [next(in_process) for _ in range(3)]
     state = in_process.get_state()
@@ -130,3 +134,66 @@ def test_the_tfds_form_opens_with_tfds_and_feeds_the_same_samples(record_set, tm
         expected = ours[(sample["episode_id"], sample["frame_index"])]
         for key in ("image", "text", "action", "action_mask"):
             np.testing.assert_array_equal(sample[key], expected[key])
+
+
+def test_data_train_names_one_set_or_a_weighted_mixture():
+    assert pipeline.parse_sources("gs://bucket/records") == [pipeline.Source("train", "gs://bucket/records")]
+    assert pipeline.parse_sources("lab:0.3:/data/lab, wild:0.7:gs://b/wild") == [
+        pipeline.Source("lab", "/data/lab", 0.3),
+        pipeline.Source("wild", "gs://b/wild", 0.7),
+    ]
+    for bad in ("lab:0.3:/a,/b", "lab:0:/a,wild:1:/b", "lab:1:/a,lab:1:/b", ""):
+        with pytest.raises(pipeline.DataConfigError, match="data.train"):
+            pipeline.parse_sources(bad)
+
+
+@pytest.fixture(scope="module")
+def mixture(record_set, tmp_path_factory):
+    """Three sources of very different sizes: 18 records, 3 records, 18 records."""
+    directory, _ = record_set
+    small = str(tmp_path_factory.mktemp("small"))
+    writer = records.ShardWriter(small, 1)
+    writer.write_episode(0, records.read_shard(records.shard_paths(directory)[0])[:3])
+    writer.close()
+    shutil.copy(os.path.join(directory, "stats.json"), small)
+    preprocess = make_preprocess(record_set)
+    weights = (0.3, 0.65, 0.05)
+    return [(path, preprocess, w) for path, w in zip((directory, small, directory), weights)]
+
+
+def test_mixture_shares_follow_the_weights_not_the_sizes(mixture):
+    batches = pipeline.train_batches(mixture, 20, seed=0)
+    source = np.concatenate([batches[k]["source_index"] for k in range(50)])  # 1000 samples
+    for index, (_, _, weight) in enumerate(mixture):
+        share = np.mean(source == index)
+        # Binomial 4-sigma bound; grain's mix interleaves deterministically, well inside it.
+        assert abs(share - weight) < 4 * np.sqrt(weight * (1 - weight) / len(source)), (index, share)
+
+
+def test_mixture_batches_do_not_depend_on_processes_and_resume_exactly(mixture):
+    single = pipeline.train_batches(mixture, 6, seed=1)
+    halves = [pipeline.train_batches(mixture, 6, 1, p, 2) for p in range(2)]
+    for step in (0, 7):  # step 7 is past the small source's third repetition
+        for key in ("image", "text", "action", "source_index"):
+            np.testing.assert_array_equal(np.concatenate([h[step][key] for h in halves]), single[step][key])
+    iterator = pipeline.iterate(single)
+    for _ in range(4):
+        next(iterator)
+    state, expected = iterator.get_state(), next(iterator)
+    resumed = pipeline.iterate(single)
+    resumed.set_state(state)
+    got = next(resumed)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_mixture_stats_are_those_of_the_weighted_union():
+    """Weights 1:3 over two equal-count sets equal numpy over A, B, B, B."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1.0, 2.0, (2, 40, 8, 2, 21, 9))
+    mask = np.ones((40, 8, 2), bool)
+    stats = [{"anchor": RunningStats.of_batch(x, mask).to_json()} for x in (a, b)]
+    mixed = pipeline.mixture_stats(stats, [0.25, 0.75])["anchor"]
+    union = np.concatenate([a, b, b, b])
+    np.testing.assert_allclose(mixed["mean"], union.mean(axis=(0, 1)), rtol=1e-10)
+    np.testing.assert_allclose(mixed["std"], union.std(axis=(0, 1)), rtol=1e-10)

@@ -74,6 +74,8 @@ def test_sigterm_saves_and_resuming_is_exact(record_set, tmp_path):
     assert step_a == step_b == config.total_steps
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert expected[config.total_steps]["loss"] < expected[1]["loss"]
+    # Samples seen per source survive the restart (kept in the checkpoint's progress item).
+    assert got[config.total_steps]["seen_train"] == expected[config.total_steps]["seen_train"] == 6 * 8
 
 
 def test_parameters_are_sharded_fsdp_style(record_set):

@@ -8,9 +8,12 @@ workers sees the same global batches, and an iterator restored from a checkpoint
 with the identical next batch. Augmentation randomness is drawn per global sample index.
 """
 import dataclasses
+import functools
 import io
 import logging
 import os
+import re
+from collections.abc import Sequence
 
 import grain
 from absl import flags
@@ -140,7 +143,7 @@ class SkipCorrupt(grain.MapDataset):
     logged by name and replaced by the next record of the stream, so that one bad record can
     neither stop training nor shift the batches of other processes."""
 
-    def __init__(self, parent: grain.MapDataset, transform, seed: int | None, attempts: int = 16):
+    def __init__(self, parent: grain.MapDataset, transform, seed: tuple[int, ...] | None, attempts: int = 16):
         super().__init__(parent)
         self._transform, self._seed, self._attempts = transform, seed, attempts
 
@@ -152,7 +155,7 @@ class SkipCorrupt(grain.MapDataset):
             return self.slice(index)
         for offset in range(self._attempts):
             record = self._parent[(index + offset) % len(self._parent)]
-            rng = None if self._seed is None else np.random.default_rng((self._seed, index))
+            rng = None if self._seed is None else np.random.default_rng((*self._seed, index))
             try:
                 return self._transform(record, rng)
             except DataConfigError:
@@ -183,22 +186,82 @@ def record_dataset(directory: str) -> grain.MapDataset:
     return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(records.shard_paths(directory)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One record set of the training mixture."""
+
+    name: str
+    path: str
+    weight: float = 1.0
+
+
+_MIXTURE_ENTRY = re.compile(r"(\w+):([0-9.eE+-]+):(.+)")
+
+
+def parse_sources(spec: str) -> list[Source]:
+    """`data.train`: one record-set path, or a weighted mixture of named record sets,
+    "lab:0.3:/data/lab,wild:0.65:gs://bucket/wild,robot:0.05:/data/robot" (name:weight:path)."""
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    matches = [_MIXTURE_ENTRY.fullmatch(e) for e in entries]
+    if len(entries) == 1 and matches[0] is None:
+        return [Source("train", entries[0])]
+    if not entries or None in matches:
+        raise DataConfigError(
+            f"data.train={spec!r}: give one record-set path, or name:weight:path entries separated by commas"
+        )
+    sources = [Source(m.group(1), m.group(3), float(m.group(2))) for m in matches]
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names) or any(s.weight <= 0 for s in sources):
+        raise DataConfigError(f"data.train={spec!r}: names must differ and weights be positive")
+    return sources
+
+
+def mixture_stats(stats: Sequence[dict], weights: Sequence[float]) -> dict:
+    """Per-source stats.json contents -> the mean and std of the mixture that training draws
+    from (each source in proportion to its weight, whatever its size), per delta mode. A
+    dimension a source never saw takes its value from the others."""
+    out = {}
+    for delta in stats[0]:
+        count = np.stack([np.asarray(s[delta]["count"], np.float64) for s in stats])
+        mean = np.stack([np.asarray(s[delta]["mean"], np.float64) for s in stats])
+        var = np.stack([np.asarray(s[delta]["std"], np.float64) ** 2 for s in stats])
+        w = np.asarray(weights, np.float64).reshape(-1, *[1] * (count.ndim - 1)) * (count > 0)
+        w = w / np.maximum(w.sum(axis=0), 1e-30)
+        mixed_mean = (w * mean).sum(axis=0)
+        mixed_var = (w * (var + mean**2)).sum(axis=0) - mixed_mean**2
+        out[delta] = dict(mean=mixed_mean.tolist(), std=np.sqrt(np.maximum(mixed_var, 0.0)).tolist())
+    return out
+
+
 def train_batches(
-    directory: str,
-    preprocess: Preprocess,
+    sources: Sequence[tuple[str, "Preprocess", float]],
     global_batch: int,
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.MapDataset:
     """This process's rows of every global training batch: an infinite MapDataset whose element
-    k is dict of [global_batch / process_count, ...] arrays."""
+    k is a dict of [global_batch / process_count, ...] arrays, with `source_index` [b] int32,
+    the position of each sample's source in `sources`.
+
+    `sources`: (record-set directory, its preprocessing, weight) each. Every source is
+    shuffled and repeated on its own, then grain mixes them in proportion to the weights,
+    whatever their sizes (a small set repeats; a large one is never exhausted first).
+    """
     if global_batch % process_count:
-        raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} processes")
+        raise DataConfigError(f"batch_size={global_batch} is not divisible by the {process_count} processes")
+    streams = [
+        SkipCorrupt(record_dataset(directory).shuffle(seed=seed + i).repeat(), preprocess, seed=(seed, i))
+        .map(functools.partial(_tag_source, i))
+        for i, (directory, preprocess, _) in enumerate(sources)
+    ]
+    samples = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [w for *_, w in sources])
     local = global_batch // process_count
-    stream = record_dataset(directory).shuffle(seed=seed).repeat()
-    samples = SkipCorrupt(stream, preprocess, seed=seed)
     return samples.batch(local, drop_remainder=True)[process_index::process_count]
+
+
+def _tag_source(index: int, sample: dict) -> dict:
+    return dict(sample, source_index=np.int32(index))
 
 
 def eval_samples(directory: str, preprocess: Preprocess) -> grain.MapDataset:
