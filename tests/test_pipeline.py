@@ -128,6 +128,7 @@ def test_the_tfds_form_opens_with_tfds_and_feeds_the_same_samples(record_set, tm
     preprocess = make_preprocess(record_set, with_metadata=True)
     ours = {(s["episode_id"], s["frame_index"]): s for s in pipeline.eval_samples(directory, preprocess)}
     version_dir = str(tmp_path / tfds_builder.NAME / "1.0.0")
+    assert records.read_json(version_dir, "stats.json") == records.read_json(directory, "stats.json")
     theirs = list(pipeline.eval_samples(version_dir, preprocess))
     assert {(s["episode_id"], s["frame_index"]) for s in theirs} == set(ours)
     for sample in theirs:

@@ -16,13 +16,13 @@ A sample (one record) is a msgpack map:
     intrinsics   [3, 3]   float32, pixels of the stored JPEG (NaN when the source has none)
     labels       map str -> str (for probes; e.g. the demo world's target, hand, verb)
 """
-import glob
 import json
 import os
 
 import msgpack
 import numpy as np
 from array_record.python import array_record_module
+from etils import epath
 
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access for grain
 SHARD_PATTERN = "records-{index:05d}-of-{count:05d}.array_record"
@@ -58,8 +58,10 @@ def decode(record: bytes) -> dict:
 
 
 def shard_paths(directory: str) -> list[str]:
-    """The record shards of a record set, in order; an error if there are none."""
-    paths = sorted(glob.glob(os.path.join(directory, "records-*-of-*.array_record")))
+    """The record shards of a record set, in order; an error if there are none. `directory`
+    may be remote (gs://, with etils' file-system extras installed): training reads shards
+    where they lie."""
+    paths = sorted(str(p) for p in epath.Path(directory).glob("records-*-of-*.array_record"))
     if not paths:
         raise FileNotFoundError(
             f"No record shards (records-*-of-*.array_record) in {directory!r}: "
@@ -103,8 +105,7 @@ class ShardWriter:
 
 
 def read_json(directory: str, name: str) -> dict:
-    with open(os.path.join(directory, name)) as f:
-        return json.load(f)
+    return json.loads((epath.Path(directory) / name).read_text())
 
 
 def write_json(directory: str, name: str, content: dict) -> None:

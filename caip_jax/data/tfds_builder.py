@@ -1,6 +1,7 @@
 """A record set as a TensorFlow Datasets dataset (`caip_records`), for users of the TFDS
 catalogue: `tfds.data_source("caip_records", data_dir=...)` opens it, without TensorFlow, and the
-grain pipeline reads it like a record set (pipeline.record_dataset).
+grain pipeline and training read its version directory like a record set (with the record
+set's stats.json copied beside it).
 
 The features are the sample fields of records.py; the image is stored as the same JPEG bytes,
 `labels` (free-form keys) as JSON text.
@@ -64,6 +65,8 @@ def build(records_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
     """Writes the record set in `records_dir` as the TFDS dataset `caip_records` in `data_dir`."""
     builder = CaipRecords(data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=records_dir))
+    # Beside the TFDS files, so that training on this directory finds the action statistics.
+    records.write_json(str(builder.data_dir), "stats.json", records.read_json(records_dir, "stats.json"))
     return builder
 
 
