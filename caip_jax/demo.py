@@ -1,4 +1,5 @@
 """The demo world end to end on one machine: records, a tokenizer, training."""
+import json
 import os
 
 import ml_collections
@@ -29,9 +30,12 @@ def make_data(directory: str, num_episodes: int, horizon: int, seed: int = 0, wo
     return records_dir, spm
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, num_episodes: int = 160) -> dict:
-    """Makes the demo data under `workdir`/data (once) and trains `config` in `workdir`."""
+def run(config: ml_collections.ConfigDict, workdir: str, num_episodes: int = 160) -> list[dict]:
+    """Makes the demo data under `workdir`/data (once), trains `config` in `workdir`/train and
+    returns the metrics logged there (metrics.jsonl), oldest first."""
     records_dir, spm = make_data(os.path.join(workdir, "data"), num_episodes, config.model.action.horizon, config.seed)
     config = config.copy_and_resolve_references()
     config.data.train, config.data.tokenizer = records_dir, spm
-    return train.train(config, os.path.join(workdir, "train"))
+    train.train(config, os.path.join(workdir, "train"))
+    with open(os.path.join(workdir, "train", "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

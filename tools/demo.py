@@ -18,9 +18,12 @@ def main(argv):
     del argv
     from caip_jax import demo
 
-    final = demo.run(FLAGS.config, FLAGS.workdir, FLAGS.num_episodes)
-    print(f"in-batch retrieval top-1 (image+text -> action) at the end: {final['top1']:.3f} "
-          f"(chance {final['chance_top1']:.3f}); metrics in {FLAGS.workdir}/train/metrics.jsonl")
+    logged = demo.run(FLAGS.config, FLAGS.workdir, FLAGS.num_episodes)
+    first, last = logged[0], logged[-1]
+    print(f"in-batch retrieval top-1 (image + text -> action), chance {last['chance_top1']:.3f}:")
+    print(f"  step {first['step']:>4}: {first['top1']:.3f}  (loss {first['loss']:.3f})")
+    print(f"  step {last['step']:>4}: {last['top1']:.3f}  (loss {last['loss']:.3f})")
+    print(f"metrics: {FLAGS.workdir}/train/metrics.jsonl, TensorBoard: {FLAGS.workdir}/train/tensorboard")
 
 
 def run():
