@@ -171,15 +171,17 @@ def test_mixture_shares_follow_the_weights_not_the_sizes(mixture):
         assert abs(share - weight) < 4 * np.sqrt(weight * (1 - weight) / len(source)), (index, share)
 
 
-def test_mixture_batches_do_not_depend_on_processes_and_resume_exactly(mixture):
+def test_mixture_batches_do_not_depend_on_processes_or_workers_and_resume_exactly(mixture):
     single = pipeline.train_batches(mixture, 6, seed=1)
     halves = [pipeline.train_batches(mixture, 6, 1, p, 2) for p in range(2)]
     for step in (0, 7):  # step 7 is past the small source's third repetition
         for key in ("image", "text", "action", "source_index"):
             np.testing.assert_array_equal(np.concatenate([h[step][key] for h in halves]), single[step][key])
     iterator = pipeline.iterate(single)
+    with_workers = pipeline.iterate(single, workers=2)
     for _ in range(4):
-        next(iterator)
+        np.testing.assert_array_equal(next(with_workers)["text"], next(iterator)["text"])
+    with_workers.close()
     state, expected = iterator.get_state(), next(iterator)
     resumed = pipeline.iterate(single)
     resumed.set_state(state)
