@@ -131,7 +131,7 @@ def training_batches(config: ml_collections.ConfigDict) -> tuple[list[pipeline.S
     (`data.stats="per_source"`: robot end-effectors and human hands move on other scales)."""
     data = config.data
     sources = pipeline.parse_sources(data.train)
-    stats = [records.read_json(s.path, "stats.json") if data.normalize else None for s in sources]
+    stats = [read_stats(s.path) if data.normalize else None for s in sources]
     if data.normalize and data.stats == "mixture":
         stats = [pipeline.mixture_stats(stats, [s.weight for s in sources])] * len(sources)
     elif data.stats not in ("mixture", "per_source"):
@@ -143,6 +143,16 @@ def training_batches(config: ml_collections.ConfigDict) -> tuple[list[pipeline.S
     mixture = [(s.path, preprocess(st), s.weight) for s, st in zip(sources, stats)]
     batches = pipeline.train_batches(mixture, config.batch_size, config.seed, jax.process_index(), jax.process_count())
     return sources, batches
+
+
+def read_stats(path: str) -> dict:
+    try:
+        return records.read_json(path, "stats.json")
+    except FileNotFoundError as error:
+        raise pipeline.DataConfigError(
+            f"data.train: {path!r} holds no stats.json: give a record set made by caip-make-records "
+            "(or caip-records-to-tfds), or set data.normalize=False"
+        ) from error
 
 
 def all_processes_sum(counts: np.ndarray) -> np.ndarray:

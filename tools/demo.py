@@ -5,6 +5,7 @@
 import os
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
@@ -16,6 +17,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:
+        # Warnings and errors only unless asked: orbax logs every checkpoint write at INFO.
+        absl_logging.set_verbosity(absl_logging.WARNING)
     from caip_jax import demo
 
     logged = demo.run(FLAGS.config, FLAGS.workdir, FLAGS.num_episodes)
