@@ -78,15 +78,22 @@ def step_figures(variant: str, device_flops: float) -> dict:
     tx, _ = optim.make_optimizer(optim.optim_config(), total_steps=1000)
     params, _ = sharding.sharded_init(lambda r: model.init(r, **dummy_inputs(config))["params"], jax.random.key(0), mesh)
     opt_state = jax.jit(tx.init)(params)
-    inputs = dummy_inputs(config, FLAGS.batch)
-    batch = dict(
-        image=jnp.zeros(inputs["image"].shape, jnp.uint8),
-        text=inputs["text"],
-        action=inputs["action"],
-        action_mask=inputs["action_mask"],
+    b, t = FLAGS.batch, config.action.horizon
+    batch = dict(  # what the host pipeline hands over (see data/pipeline.py's Preprocess)
+        image=jnp.zeros((b, config.image_size, config.image_size, 3), jnp.uint8),
+        jitter=jnp.ones((b, 3)),
+        text=jnp.ones((b, config.text.length), jnp.int32),
+        translation=jnp.zeros((b, t, 2, 21, 3), jnp.int16),
+        translation_scale=jnp.ones((b, 1)),
+        rotation=jnp.zeros((b, t, 2, 21, 3), jnp.int16),
+        valid=jnp.ones((b, t + 1, 2), bool),
+        source_index=jnp.zeros((b,), jnp.int32),
     )
+    run_config = caip_config.base_config()
+    run_config.model = config
+    stats = jnp.zeros((1, 2, 21, 9)), jnp.ones((1, 2, 21, 9))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        step = jax.jit(train.make_train_step(model, tx, mesh), donate_argnums=(0, 1))
+        step = jax.jit(train.make_train_step(model, tx, mesh, run_config, *stats), donate_argnums=(0, 1))
         compiled = step.lower(params, opt_state, batch).compile()
     flops = compiled.cost_analysis().get("flops", 0.0)
     state = [params, opt_state]

@@ -51,15 +51,20 @@ def matrix_to_quat(rot: np.ndarray) -> np.ndarray:
     return np.where(q[..., :1] < 0, -q, q)
 
 
-def quat_to_matrix(quat: np.ndarray) -> np.ndarray:
-    """Quaternion [..., 4] (any non-zero norm) -> rotation [..., 3, 3]."""
-    q = np.asarray(quat, np.float64)
-    w, x, y, z = np.moveaxis(q / np.linalg.norm(q, axis=-1, keepdims=True), -1, 0)
-    return np.stack(
+def _real(xp):
+    """The float dtype of the math: float64 in numpy; float32 in jax.numpy (on accelerators)."""
+    return np.float64 if xp is np else xp.float32
+
+
+def quat_to_matrix(quat: np.ndarray, xp=np) -> np.ndarray:
+    """Quaternion [..., 4] (any non-zero norm) -> rotation [..., 3, 3]. `xp`: numpy or jax.numpy."""
+    q = xp.asarray(quat, _real(xp))
+    w, x, y, z = xp.moveaxis(q / xp.linalg.norm(q, axis=-1, keepdims=True), -1, 0)
+    return xp.stack(
         [
-            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-            np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-            np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+            xp.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+            xp.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+            xp.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
         ],
         -2,
     )
@@ -92,13 +97,13 @@ def quat_to_rotvec(quat: np.ndarray) -> np.ndarray:
     return q[..., 1:] * (2 / np.sinc(angle / (2 * np.pi)))[..., None]
 
 
-def rotvec_to_quat(rotvec: np.ndarray) -> np.ndarray:
-    """Rotation vector [..., 3] -> unit quaternion [..., 4]."""
-    r = np.asarray(rotvec, np.float64)
-    angle = np.linalg.norm(r, axis=-1)
+def rotvec_to_quat(rotvec: np.ndarray, xp=np) -> np.ndarray:
+    """Rotation vector [..., 3] -> unit quaternion [..., 4]. `xp`: numpy or jax.numpy."""
+    r = xp.asarray(rotvec, _real(xp))
+    angle = xp.linalg.norm(r, axis=-1)
     # sin(angle / 2) / angle = sinc(angle / 2pi) / 2, defined at angle 0.
-    half_sinc = np.sinc(angle / (2 * np.pi)) / 2
-    return np.concatenate([np.cos(angle / 2)[..., None], r * half_sinc[..., None]], -1)
+    half_sinc = xp.sinc(angle / (2 * np.pi)) / 2
+    return xp.concatenate([xp.cos(angle / 2)[..., None], r * half_sinc[..., None]], -1)
 
 
 # --- SE(3) ------------------------------------------------------------------------------------
@@ -225,28 +230,28 @@ def action_chunk(
     return _chunk(poses[..., :3, :3], poses[..., :3, 3], valid, delta)
 
 
-def _chunk(rot, trans, valid, delta):
+def _chunk(rot, trans, valid, delta, xp=np):
     """`action_chunk` on rotations [T+1, 2, 21, 3, 3] and translations [T+1, 2, 21, 3]."""
     if delta not in DELTAS:
         raise ValueError(f"delta={delta!r}: expected one of {DELTAS}")
     ref = slice(0, 1) if delta == "anchor" else slice(0, -1)
-    rel = rot[1:] @ np.swapaxes(rot[ref], -1, -2)
-    action = np.concatenate([trans[1:] - trans[ref], rel[..., :, 0], rel[..., :, 1]], -1)
+    rel = rot[1:] @ xp.swapaxes(rot[ref], -1, -2)
+    action = xp.concatenate([trans[1:] - trans[ref], rel[..., :, 0], rel[..., :, 1]], -1)
     mask = valid[ref] & valid[1:]
-    return np.where(mask[..., None, None], action, 0).astype(np.float32), mask
+    return xp.where(mask[..., None, None], action, 0).astype(np.float32), mask
 
 
-def _safe_std(std: np.ndarray) -> np.ndarray:
+def _safe_std(std: np.ndarray, xp=np) -> np.ndarray:
     # A dimension constant over the data (e.g. the rotation of a source that only ever translates)
     # has std 0; dividing by 1 leaves it centred instead of turning it into inf or NaN.
-    return np.where(std == 0, 1.0, std)
+    return xp.where(std == 0, 1.0, std)
 
 
-def normalize(action, mask, mean, std) -> np.ndarray:
-    """action [..., T, 2, 21, 9], mask [..., T, 2], mean and std [2, 21, 9] -> (action - mean) / std
-    float32, masked entries 0."""
-    out = (np.asarray(action, np.float64) - mean) / _safe_std(std)
-    return np.where(np.asarray(mask, bool)[..., None, None], out, 0).astype(np.float32)
+def normalize(action, mask, mean, std, xp=np) -> np.ndarray:
+    """action [..., T, 2, 21, 9], mask [..., T, 2], mean and std [2, 21, 9] (or broadcasting
+    against action) -> (action - mean) / std float32, masked entries 0."""
+    out = (xp.asarray(action, _real(xp)) - mean) / _safe_std(std, xp)
+    return xp.where(xp.asarray(mask, bool)[..., None, None], out, 0).astype(np.float32)
 
 
 def denormalize(action, mask, mean, std) -> np.ndarray:
@@ -292,11 +297,12 @@ def _quantize(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * _INT16_MAX), -_INT16_MAX, _INT16_MAX).astype(np.int16)
 
 
-def _offsets(packed: dict[str, np.ndarray], steps: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _offsets(packed: dict[str, np.ndarray], steps: int | None, xp=np) -> tuple[np.ndarray, np.ndarray]:
     """p_k - p_0 [T', 2, 21, 3] and R_k R_0^T [T', 2, 21, 3, 3] for k = 1..T' (T' = `steps`)."""
-    offset = packed["translation"][:steps] * (np.float64(packed["translation_scale"][0]) / _INT16_MAX)
-    rel = quat_to_matrix(rotvec_to_quat(packed["rotation"][:steps] * (np.pi / _INT16_MAX)))
-    return offset, rel
+    scale = xp.asarray(packed["translation_scale"][0], _real(xp)) / _INT16_MAX
+    offset = xp.asarray(packed["translation"][:steps], _real(xp)) * scale
+    rotvec = xp.asarray(packed["rotation"][:steps], _real(xp)) * (np.pi / _INT16_MAX)
+    return offset, quat_to_matrix(rotvec_to_quat(rotvec, xp), xp)
 
 
 def decompress_poses(packed: dict[str, np.ndarray]) -> np.ndarray:
@@ -310,12 +316,13 @@ def decompress_poses(packed: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def compressed_action_chunk(
-    packed: dict[str, np.ndarray], valid: np.ndarray, horizon: int, delta: str = "anchor"
+    packed: dict[str, np.ndarray], valid: np.ndarray, horizon: int, delta: str = "anchor", xp=np
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`action_chunk` of the first `horizon` + 1 poses of `compress_poses`' output, straight from
-    the stored offsets: actions only depend on poses relative to a reference step, so step 0's
-    own pose is never rebuilt. The training pipeline's path."""
-    offset, rel = _offsets(packed, horizon)
-    rot = np.concatenate([np.broadcast_to(np.eye(3), (1, *rel.shape[1:])), rel], 0)
-    trans = np.concatenate([np.zeros_like(offset[:1]), offset], 0)
-    return _chunk(rot, trans, np.asarray(valid[: horizon + 1], bool), delta)
+    """`action_chunk` of the first `horizon` + 1 poses of `compress_poses`' output (only
+    `translation`, `translation_scale` and `rotation` are read), straight from the stored
+    offsets: actions only depend on poses relative to a reference step, so step 0's own pose is
+    never rebuilt. With xp=jax.numpy this runs inside the jitted training step."""
+    offset, rel = _offsets(packed, horizon, xp)
+    rot = xp.concatenate([xp.broadcast_to(xp.eye(3, dtype=rel.dtype), (1, *rel.shape[1:])), rel], 0)
+    trans = xp.concatenate([xp.zeros_like(offset[:1]), offset], 0)
+    return _chunk(rot, trans, xp.asarray(valid[: horizon + 1], bool), delta, xp)

@@ -16,15 +16,17 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from caip_jax import loss, optim, sharding
+from caip_jax import actions, device_prep, loss, optim, sharding
 from caip_jax.checkpoint import Checkpoints
 from caip_jax.data import pipeline, records
+from caip_jax.data.schema import FEATURES_PER_KEYPOINT, NUM_HANDS, NUM_KEYPOINTS
 from caip_jax.data.tokenizer import Tokenizer
 from caip_jax.init import siglip2
 from caip_jax.metrics import MetricsLog, peak_flops_per_device
 from caip_jax.models import dummy_inputs, model_from_config
 
-BATCH_KEYS = ("image", "text", "action", "action_mask")
+# What goes to the devices of what Preprocess makes (the rest is metadata).
+BATCH_KEYS = ("image", "jitter", "text", "translation", "translation_scale", "rotation", "valid", "source_index")
 
 
 @dataclasses.dataclass
@@ -67,18 +69,17 @@ def initial_params(run: Setup, seed: int, siglip2_path: str = "") -> Any:
     return jax.tree.map(place, loaded, params)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh):
-    """(params, opt_state, batch) -> (params, opt_state, metrics): forward, the ring sigmoid
-    loss, backward, optimizer update."""
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh, config: ml_collections.ConfigDict, mean, std):
+    """(params, opt_state, batch) -> (params, opt_state, metrics): the device half of the
+    preprocessing (colour jitter, action chunks normalised with `mean`, `std` [S, 2, 21, 9] per
+    source), forward, the ring sigmoid loss, backward, optimizer update."""
 
     def loss_fn(params, batch):
-        out = model.apply(
-            {"params": params},
-            pipeline.unit_range(batch["image"]),
-            batch["text"],
-            batch["action"],
-            batch["action_mask"],
+        action, action_mask = device_prep.action_chunks(
+            batch, config.model.action.horizon, config.data.delta, mean, std
         )
+        image = device_prep.color_jitter(batch["image"], batch["jitter"])
+        out = model.apply({"params": params}, image, batch["text"], action, action_mask)
         z_image = loss.l2_normalize(out["image_pooled"])
         z_action = loss.l2_normalize(out["action_embedding"])
         return loss.chunked_sigmoid_loss(z_image, z_action, params["t"], params["b"], mesh)
@@ -125,24 +126,30 @@ def global_batch(local: dict, batch_sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sharding, local[k]) for k in BATCH_KEYS}
 
 
-def training_batches(config: ml_collections.ConfigDict) -> tuple[list[pipeline.Source], Any]:
-    """The sources of `data.train` and this process's training batches. Actions are
-    normalised with the mixture's statistics, or each source with its own
-    (`data.stats="per_source"`: robot end-effectors and human hands move on other scales)."""
+def training_batches(config: ml_collections.ConfigDict) -> tuple[list[pipeline.Source], Any, np.ndarray, np.ndarray]:
+    """The sources of `data.train`, this process's training batches, and the action mean and
+    std [S, 2, 21, 9] per source: the mixture's statistics for every source, or each source's
+    own (`data.stats="per_source"`: robot end-effectors and human hands move on other scales),
+    or 0 and 1 with `data.normalize=False`."""
     data = config.data
+    if data.delta not in actions.DELTAS:
+        raise pipeline.DataConfigError(f"data.delta={data.delta!r} is not one of {actions.DELTAS}")
+    if data.stats not in ("mixture", "per_source"):
+        raise pipeline.DataConfigError(f"data.stats={data.stats!r} is not 'mixture' or 'per_source'")
     sources = pipeline.parse_sources(data.train)
-    stats = [read_stats(s.path) if data.normalize else None for s in sources]
-    if data.normalize and data.stats == "mixture":
-        stats = [pipeline.mixture_stats(stats, [s.weight for s in sources])] * len(sources)
-    elif data.stats not in ("mixture", "per_source"):
-        raise ValueError(f"data.stats={data.stats!r} is not 'mixture' or 'per_source'")
+    shape = (len(sources), NUM_HANDS, NUM_KEYPOINTS, FEATURES_PER_KEYPOINT)
+    mean, std = np.zeros(shape, np.float32), np.ones(shape, np.float32)
+    if data.normalize:
+        stats = [read_stats(s.path) for s in sources]
+        if data.stats == "mixture":
+            stats = [pipeline.mixture_stats(stats, [s.weight for s in sources])] * len(sources)
+        mean[:] = [st[data.delta]["mean"] for st in stats]
+        std[:] = [st[data.delta]["std"] for st in stats]
     model = config.model
-    preprocess = lambda st: pipeline.Preprocess(
-        data.tokenizer, model.image_size, model.text.length, model.action.horizon, data.delta, stats=st
-    )
-    mixture = [(s.path, preprocess(st), s.weight) for s, st in zip(sources, stats)]
+    preprocess = pipeline.Preprocess(data.tokenizer, model.image_size, model.text.length, model.action.horizon)
+    mixture = [(s.path, preprocess, s.weight) for s in sources]
     batches = pipeline.train_batches(mixture, config.batch_size, config.seed, jax.process_index(), jax.process_count())
-    return sources, batches
+    return sources, batches, mean, std
 
 
 def read_stats(path: str) -> dict:
@@ -207,7 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     init_opt = jax.jit(tx.init, out_shardings=opt_shardings)
 
-    sources, batches = training_batches(config)
+    sources, batches, mean, std = training_batches(config)
     iterator = pipeline.iterate(batches, workers=config.data.workers)
 
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
@@ -229,7 +236,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     replicated = sharding.replicated(run.mesh)
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         step_fn = jax.jit(
-            make_train_step(run.model, tx, run.mesh),
+            make_train_step(run.model, tx, run.mesh, config, mean, std),
             in_shardings=(run.param_shardings, opt_shardings, batch_sharding),
             out_shardings=(run.param_shardings, opt_shardings, replicated),
             donate_argnums=(0, 1),

@@ -18,9 +18,7 @@ TEXT_LEN, IMAGE_SIZE = 8, 16  # the record_set fixture (conftest.py) holds 18 sa
 
 
 def make_preprocess(record_set, **kwargs):
-    directory, spm = record_set
-    stats = records.read_json(directory, "stats.json")
-    return pipeline.Preprocess(spm, IMAGE_SIZE, TEXT_LEN, OPTIONS.horizon, stats=stats, **kwargs)
+    return pipeline.Preprocess(record_set[1], IMAGE_SIZE, TEXT_LEN, OPTIONS.horizon, **kwargs)
 
 
 @pytest.mark.parametrize("processes", [2, 3, 6])
@@ -30,7 +28,7 @@ def test_global_batches_do_not_depend_on_the_process_count(record_set, processes
     single = pipeline.train_batches(sources, 6, seed=3)
     parts = [pipeline.train_batches(sources, 6, 3, p, processes) for p in range(processes)]
     for step in (0, 1, 5):  # 18 records: step 5 is in the third epoch, reshuffled
-        for key in ("image", "text", "action", "action_mask"):
+        for key in ("image", "jitter", "text", "translation", "valid"):
             np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), single[step][key])
 
 
@@ -70,26 +68,29 @@ def test_evaluation_preprocessing_matches_an_independent_computation(record_set)
 
     pixels = Image.open(io.BytesIO(sample["image"])).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
     np.testing.assert_array_equal(out["image"], np.asarray(pixels))
-    np.testing.assert_allclose(pipeline.unit_range(out["image"]), (np.asarray(pixels) - 127.5) / 127.5, atol=1e-6)
+    np.testing.assert_array_equal(out["jitter"], np.ones(3))
     np.testing.assert_array_equal(out["text"], tokenizer.Tokenizer(spm, TEXT_LEN).encode([sample["text"]])[0])
-    stats = records.read_json(directory, "stats.json")["anchor"]
-    chunk, mask = actions.action_chunk(actions.decompress_poses(sample["poses"]), sample["valid"])
-    expected = (chunk - np.array(stats["mean"])) / np.array(stats["std"]) * mask[..., None, None]
-    np.testing.assert_allclose(out["action"], expected, atol=1e-4)
-    np.testing.assert_array_equal(out["action_mask"], mask)
+    for key in ("translation", "rotation", "translation_scale"):
+        np.testing.assert_array_equal(out[key], sample["poses"][key][: OPTIONS.horizon] if key != "translation_scale" else sample["poses"][key])
+    np.testing.assert_array_equal(out["valid"], sample["valid"])
 
 
 def test_augmentation_is_seeded_and_changes_only_the_image(record_set):
     preprocess = make_preprocess(record_set)
-    record = records.read_shard(records.shard_paths(record_set[0])[0])[1]  # a grey, not black, frame
+    sample = records.decode(records.read_shard(records.shard_paths(record_set[0])[0])[1])
+    gradient = (np.indices((40, 48)).sum(0) * 2).astype(np.uint8)  # so that a crop shows
+    jpeg = io.BytesIO()
+    Image.fromarray(np.stack([gradient] * 3, -1)).save(jpeg, "JPEG", quality=95)
+    record = records.encode(dict(sample, image=jpeg.getvalue()))
     plain = preprocess(record)
     first, again = (preprocess(record, np.random.default_rng(7)) for _ in range(2))
     other = preprocess(record, np.random.default_rng(8))
-    np.testing.assert_array_equal(first["image"], again["image"])
+    for key in ("image", "jitter"):
+        np.testing.assert_array_equal(first[key], again[key])
+        assert not np.array_equal(first[key], plain[key]) and not np.array_equal(first[key], other[key])
     assert first["image"].dtype == np.uint8 and first["image"].shape == plain["image"].shape
-    assert not np.array_equal(first["image"], plain["image"])
-    assert not np.array_equal(first["image"], other["image"])
-    for key in ("text", "action", "action_mask"):
+    assert np.all(np.abs(first["jitter"] - 1) <= 0.2)
+    for key in ("text", "translation", "rotation", "valid"):
         np.testing.assert_array_equal(first[key], plain[key])
 
 
@@ -133,7 +134,7 @@ def test_the_tfds_form_opens_with_tfds_and_feeds_the_same_samples(record_set, tm
     assert {(s["episode_id"], s["frame_index"]) for s in theirs} == set(ours)
     for sample in theirs:
         expected = ours[(sample["episode_id"], sample["frame_index"])]
-        for key in ("image", "text", "action", "action_mask"):
+        for key in ("image", "text", "translation", "rotation", "valid"):
             np.testing.assert_array_equal(sample[key], expected[key])
 
 
@@ -175,7 +176,7 @@ def test_mixture_batches_do_not_depend_on_processes_or_workers_and_resume_exactl
     single = pipeline.train_batches(mixture, 6, seed=1)
     halves = [pipeline.train_batches(mixture, 6, 1, p, 2) for p in range(2)]
     for step in (0, 7):  # step 7 is past the small source's third repetition
-        for key in ("image", "text", "action", "source_index"):
+        for key in ("image", "text", "translation", "source_index"):
             np.testing.assert_array_equal(np.concatenate([h[step][key] for h in halves]), single[step][key])
     iterator = pipeline.iterate(single)
     with_workers = pipeline.iterate(single, workers=2)

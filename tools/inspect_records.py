@@ -34,10 +34,9 @@ def main(argv):
         if not FLAGS.tokenizer:
             raise app.UsageError("--dump needs --tokenizer")
         preprocess = pipeline.Preprocess(
-            FLAGS.tokenizer, FLAGS.image_size, FLAGS.text_length, description["future_steps"],
-            FLAGS.delta, stats=None, with_metadata=True,
+            FLAGS.tokenizer, FLAGS.image_size, FLAGS.text_length, description["future_steps"], with_metadata=True
         )
-        inspect.dump(directory, preprocess, FLAGS.num, FLAGS.dump)
+        inspect.dump(directory, preprocess, FLAGS.num, FLAGS.dump, FLAGS.delta)
         print(f"{FLAGS.num} samples: {FLAGS.dump}")
 
 

@@ -85,19 +85,19 @@ def contact_sheet(directory: str, path: str, num: int = 16, tile: int = 192) -> 
     sheet.save(path)
 
 
-def dump(directory: str, preprocess: pipeline.Preprocess, num: int, path: str) -> None:
+def dump(directory: str, preprocess: pipeline.Preprocess, num: int, path: str, delta: str = "anchor") -> None:
     """The first `num` samples in record order, processed without augmentation and with the
     action unnormalised, to an .npz: image, text_ids, action [N, T, 2, 21, 9], action_mask,
     episode_id, frame_index."""
     samples = pipeline.eval_samples(directory, preprocess)
     rows = [samples[i] for i in range(min(num, len(samples)))]
+    chunks = [actions.compressed_action_chunk(r, r["valid"], preprocess.horizon, delta) for r in rows]
     np.savez(
         path,
         image=np.stack([r["image"] for r in rows]),
         text_ids=np.stack([r["text"] for r in rows]),
-        action=np.stack([r["action"] for r in rows]),
-        action_mask=np.stack([r["action_mask"] for r in rows]),
+        action=np.stack([a for a, _ in chunks]),
+        action_mask=np.stack([m for _, m in chunks]),
         episode_id=np.array([r["episode_id"] for r in rows]),
         frame_index=np.array([r["frame_index"] for r in rows]),
     )
-

@@ -1,4 +1,5 @@
-"""The grain input pipeline: record sets -> batches of {image (uint8), text, action, action_mask}.
+"""The grain input pipeline: record sets -> batches of uint8 images, token ids, stored pose
+offsets and colour-jitter factors (Preprocess); caip_jax.device_prep finishes them on the device.
 
 The order of samples is a function of the seed and the records only. The global stream is a
 seeded shuffle of all records, reshuffled every epoch; global batch k is samples
@@ -21,7 +22,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from caip_jax import actions
 from caip_jax.data import records, tfds_builder
 from caip_jax.data.tokenizer import Tokenizer
 
@@ -43,12 +43,20 @@ class Augment:
 
 
 class Preprocess:
-    """One record -> one sample: image [S, S, 3] uint8, text [L] int32,
-    action [T, 2, 21, 9] float32 (normalised unless `stats` is None), action_mask [T, 2] bool.
+    """One record -> one sample, ready for `caip_jax.device_prep` inside the jitted step:
 
-    Without an rng (evaluation) the whole frame is resized to S x S, as SigLIP's processor does;
-    with one, a random crop of it is, and colours are jittered. `with_metadata` adds
-    episode_id, frame_index and source (for inspection and evaluation).
+        image              [S, S, 3] uint8 (a random crop of the frame with an rng; else the
+                           whole frame, resized as SigLIP's processor does)
+        jitter             [3] float32 colour-jitter factors (brightness, contrast, saturation;
+                           ones without an rng), applied on the device
+        text               [L] int32 token ids
+        translation        [T, 2, 21, 3] int16, translation_scale [1] float32, rotation
+                           [T, 2, 21, 3] int16: the stored pose offsets of the first T steps
+        valid              [T + 1, 2] bool
+
+    The host decodes, crops and tokenises; action chunks and colours are computed on the
+    accelerator (device_prep.py), where they cost almost nothing, instead of halving the
+    samples a host CPU delivers. `with_metadata` adds episode_id, frame_index and source.
     """
 
     def __init__(
@@ -57,17 +65,11 @@ class Preprocess:
         image_size: int,
         text_length: int,
         horizon: int,
-        delta: str = "anchor",
-        stats: dict | None = None,
         augment: Augment = Augment(),
         with_metadata: bool = False,
     ):
-        if delta not in actions.DELTAS:
-            raise DataConfigError(f"data.delta={delta!r} is not one of {actions.DELTAS}")
         self.tokenizer_path, self.text_length = tokenizer_path, text_length
-        self.image_size, self.horizon, self.delta = image_size, horizon, delta
-        self.mean = None if stats is None else np.asarray(stats[delta]["mean"], np.float32)
-        self.std = None if stats is None else np.asarray(stats[delta]["std"], np.float32)
+        self.image_size, self.horizon = image_size, horizon
         self.augment, self.with_metadata = augment, with_metadata
         self._tokenizer = None  # loaded in each worker process, not pickled into it
         self._ids: dict[str, np.ndarray] = {}
@@ -81,14 +83,15 @@ class Preprocess:
                 f"records hold {stored} future steps but model.action.horizon={self.horizon}: "
                 "convert with a longer --horizon or lower the horizon"
             )
-        action, mask = actions.compressed_action_chunk(sample["poses"], sample["valid"], self.horizon, self.delta)
-        if self.mean is not None:
-            action = actions.normalize(action, mask, self.mean, self.std)
+        poses, t = sample["poses"], self.horizon
         out = dict(
             image=self.image(sample["image"], rng),
+            jitter=self.jitter(rng),
             text=self.tokenize(sample["text"]),
-            action=action,
-            action_mask=mask,
+            translation=poses["translation"][:t],
+            translation_scale=np.asarray(poses["translation_scale"], np.float32),
+            rotation=poses["rotation"][:t],
+            valid=np.asarray(sample["valid"][: t + 1], bool),
         )
         if self.with_metadata:
             out.update(episode_id=sample["episode_id"], frame_index=sample["frame_index"], source=sample["source"])
@@ -105,37 +108,26 @@ class Preprocess:
         return self._ids[text]
 
     def image(self, jpeg: bytes | np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-        """JPEG bytes or a decoded [H, W, 3] uint8 frame -> [S, S, 3] uint8."""
+        """JPEG bytes or a decoded [H, W, 3] uint8 frame -> [S, S, 3] uint8: the whole frame
+        resized, or with an rng a random crop of it (area fraction and aspect ratio)."""
         image = Image.open(io.BytesIO(jpeg)) if isinstance(jpeg, bytes) else Image.fromarray(jpeg)
-        size = (self.image_size, self.image_size)
+        size, box = (self.image_size, self.image_size), None
+        if rng is not None:
+            a = self.augment
+            area = rng.uniform(*a.crop_area)
+            ratio = np.exp(rng.uniform(*np.log(a.crop_ratio)))
+            w = min(1.0, np.sqrt(area * ratio)) * image.width
+            h = min(1.0, np.sqrt(area / ratio)) * image.height
+            x0, y0 = rng.uniform(0, image.width - w), rng.uniform(0, image.height - h)
+            box = (x0, y0, x0 + w, y0 + h)
+        return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR, box=box))
+
+    def jitter(self, rng: np.random.Generator | None) -> np.ndarray:
+        """[3] float32 brightness, contrast and saturation factors (ones without an rng)."""
         if rng is None:
-            return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
-        a = self.augment
-        area = rng.uniform(*a.crop_area)
-        ratio = np.exp(rng.uniform(*np.log(a.crop_ratio)))
-        w = min(1.0, np.sqrt(area * ratio)) * image.width
-        h = min(1.0, np.sqrt(area / ratio)) * image.height
-        x0, y0 = rng.uniform(0, image.width - w), rng.uniform(0, image.height - h)
-        image = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
-        # Brightness b and contrast c as one uint8 lookup table, c (b x - m) + m with m the
-        # mean grey after brightness (from a reduced copy), then saturation s as a blend with
-        # the greyscale image: PIL's ImageEnhance semantics at a third of its cost.
-        b, c, s = (rng.uniform(1 - amount, 1 + amount) for amount in (a.brightness, a.contrast, a.saturation))
-        mean = b * np.asarray(image.reduce(8).convert("L"), np.float32).mean()
-        table = np.clip(c * (b * np.arange(256) - mean) + mean, 0, 255).astype(np.uint8)
-        image = image.point(table.tolist() * 3)
-        image = Image.blend(image.convert("L").convert("RGB"), image, s)
-        return np.asarray(image)
-
-
-def unit_range(image):
-    """uint8 images [..., 3] -> float32 in [-1, 1], as SigLIP normalises (mean 0.5, std 0.5).
-
-    The pipeline hands images over as uint8 and the jitted step calls this on the device:
-    a quarter of the bytes through host memory, worker shared memory and host-to-device
-    transfers, and the scaling fuses into the patch embedding. Works on numpy and JAX arrays.
-    """
-    return image.astype(np.float32) / 127.5 - 1.0
+            return np.ones(3, np.float32)
+        amount = np.array([self.augment.brightness, self.augment.contrast, self.augment.saturation])
+        return rng.uniform(1 - amount, 1 + amount).astype(np.float32)
 
 
 class SkipCorrupt(grain.MapDataset):
