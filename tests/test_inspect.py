@@ -13,6 +13,8 @@ def test_describe_counts_the_record_set(record_set):
     assert description["records"] == 18 and description["episodes"] == 6
     assert description["sources"] == {"npz": 18} and description["future_steps"] == 8
     assert description["bytes_per_record"] > description["jpeg_bytes_per_record"] > 0
+    sampled = inspect.describe(record_set[0], max_records=5)  # bounded work on a set of any size
+    assert sampled["records"] == 18 and sampled["described"] == 5
 
 
 def test_keypoints_are_drawn_where_the_anchor_poses_project(record_set):
@@ -33,7 +35,7 @@ def test_dump_holds_unnormalised_samples_in_record_order(record_set, tmp_path):
     preprocess = pipeline.Preprocess(spm, 16, 8, horizon=8, with_metadata=True)
     inspect.dump(directory, preprocess, 5, str(tmp_path / "d.npz"))
     dumped = np.load(tmp_path / "d.npz")
-    first = [records.decode(r) for r in inspect.all_records(directory)[:5]]
+    first = [records.decode(pipeline.record_dataset(directory)[i]) for i in range(5)]
     assert dumped["image"].shape == (5, 16, 16, 3) and dumped["text_ids"].shape == (5, 8)
     np.testing.assert_array_equal(dumped["frame_index"], [s["frame_index"] for s in first])
     np.testing.assert_array_equal(dumped["episode_id"], [s["episode_id"] for s in first])

@@ -13,6 +13,7 @@ from caip_jax.data import inspect, pipeline, records
 
 flags.DEFINE_string("sheet", None, "Contact sheet PNG (default: DIR/contact_sheet.png).")
 flags.DEFINE_integer("num", 16, "Frames on the sheet, or samples to dump.")
+flags.DEFINE_integer("max_records", 10_000, "Statistics over at most this many records, spread over the set.")
 flags.DEFINE_string("dump", None, "Write --num processed samples to this .npz.")
 flags.DEFINE_string("tokenizer", None, "Sentencepiece model or HF tokenizer directory (for --dump).")
 flags.DEFINE_integer("image_size", 256, "Model image size (for --dump).")
@@ -25,7 +26,7 @@ def main(argv):
     if len(argv) != 2:
         raise app.UsageError("usage: caip-inspect RECORDS_DIR [flags]")
     directory = argv[1]
-    description = inspect.describe(directory)
+    description = inspect.describe(directory, FLAGS.max_records)
     print(json.dumps({k: v for k, v in description.items() if k != "conversion"}, indent=1))
     sheet = FLAGS.sheet or os.path.join(directory, "contact_sheet.png")
     inspect.contact_sheet(directory, sheet, FLAGS.num)

@@ -15,21 +15,24 @@ HAND_COLOURS = ((40, 120, 255), (255, 60, 40))  # left blue, right red
 BONES = [(0, 1 + 4 * f) for f in range(5)] + [(j, j + 1) for f in range(5) for j in range(1 + 4 * f, 4 + 4 * f)]
 
 
-def all_records(directory: str) -> list[bytes]:
-    return [r for path in records.shard_paths(directory) for r in records.read_shard(path)]
+def spread_records(directory: str, num: int) -> list[bytes]:
+    """At most `num` records spread evenly over the record set, read by random access, so that
+    a set of any size is looked at in bounded time and memory."""
+    source = pipeline.record_dataset(directory)
+    return [source[int(i)] for i in np.unique(np.linspace(0, len(source) - 1, min(num, len(source))).astype(int))]
 
 
-def describe(directory: str) -> dict:
-    """Counts per source, view and label, text lengths, hand presence, bytes per record, and the
-    conversion summary."""
-    raw = all_records(directory)
+def describe(directory: str, max_records: int = 10_000) -> dict:
+    """Counts per source, view and label, hand presence, bytes per record (over at most
+    `max_records` records spread over the set), the number of records, and the conversion
+    summary."""
+    raw = spread_records(directory, max_records)
     samples = [records.decode(r) for r in raw]
-    if not samples:
-        raise ValueError(f"{directory} holds no records")
     count = lambda values: dict(collections.Counter(values).most_common())
     valid = np.stack([s["valid"] for s in samples])  # [n, T+1, 2]
     return dict(
-        records=len(samples),
+        records=len(pipeline.record_dataset(directory)),
+        described=len(samples),
         episodes=len({(s["source"], s["episode_id"]) for s in samples}),
         bytes_per_record=float(np.mean([len(r) for r in raw])),
         jpeg_bytes_per_record=float(np.mean([len(s["image"]) for s in samples])),
@@ -67,8 +70,7 @@ def draw_hands(sample: dict) -> Image.Image:
 
 def contact_sheet(directory: str, path: str, num: int = 16, tile: int = 192) -> None:
     """A grid of `num` frames spread over the record set, keypoints drawn, captions below."""
-    every = all_records(directory)
-    picks = [records.decode(every[i]) for i in np.linspace(0, len(every) - 1, min(num, len(every))).astype(int)]
+    picks = [records.decode(r) for r in spread_records(directory, num)]
     cols = int(np.ceil(np.sqrt(len(picks))))
     rows = int(np.ceil(len(picks) / cols))
     caption = 28
