@@ -31,7 +31,7 @@ BATCH_KEYS = ("image", "jitter", "text", "translation", "translation_scale", "ro
 
 @dataclasses.dataclass
 class Setup:
-    """What a run is made of, built the same way by training, import and export tools."""
+    """What a run is made of, built the same way by training and by the SigLIP 2 import."""
 
     model: nn.Module
     mesh: jax.sharding.Mesh
@@ -48,10 +48,14 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     return Setup(model, mesh, shardings, init_fn)
 
 
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+    """Abstract arrays (shape, dtype) placed by `shardings`: restore and lowering targets."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def abstract_params(run: Setup) -> Any:
     """Shapes, dtypes and shardings of the parameters (restore targets)."""
-    shapes = nn.unbox(jax.eval_shape(run.init_fn, jax.random.key(0)))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, run.param_shardings)
+    return with_shardings(nn.unbox(jax.eval_shape(run.init_fn, jax.random.key(0))), run.param_shardings)
 
 
 def initial_params(run: Setup, seed: int, siglip2_path: str = "") -> Any:
@@ -207,11 +211,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
     params_abstract = abstract_params(run)
     opt_shardings = optim.state_shardings(tx, params_abstract, run.param_shardings, sharding.replicated(run.mesh))
-    opt_abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(tx.init, params_abstract),
-        opt_shardings,
-    )
+    opt_abstract = with_shardings(jax.eval_shape(tx.init, params_abstract), opt_shardings)
     init_opt = jax.jit(tx.init, out_shardings=opt_shardings)
 
     sources, batches, mean, std = training_batches(config)

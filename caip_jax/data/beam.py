@@ -200,9 +200,7 @@ def convert_with_beam(
         raise ValueError(f"shards={shards}: need at least one shard")
     source_options = source_options or {}
     pipeline_args = list(pipeline_args or [])
-    keys = convert.source_module(source).list_episodes(input_path, **source_options)
-    if not keys:
-        raise FileNotFoundError(f"Source {source!r} found no episodes under {input_path!r}")
+    keys = convert.list_keys(source, input_path, source_options)
     pipeline_options = PipelineOptions(pipeline_args)
     start = time.time()
     pipeline = beam.Pipeline(runner=_local_runner(pipeline_options), options=pipeline_options)

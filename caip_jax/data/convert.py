@@ -48,6 +48,14 @@ def source_module(name: str):
     return importlib.import_module(f"caip_jax.data.sources.{name}")
 
 
+def list_keys(source: str, input_path: str, source_options: dict) -> list[str]:
+    """The episode keys of `source` under `input_path`; an error if there are none."""
+    keys = source_module(source).list_episodes(input_path, **source_options)
+    if not keys:
+        raise FileNotFoundError(f"Source {source!r} found no episodes under {input_path!r}")
+    return keys
+
+
 def encode_jpeg(frame: np.ndarray, short_side: int, quality: int) -> tuple[bytes, float]:
     """[H, W, 3] uint8 -> JPEG bytes with the short side resized to `short_side` (never
     enlarged), and the scale applied."""
@@ -193,9 +201,7 @@ def convert(
     key order, whatever the number of workers.
     """
     source_options = source_options or {}
-    keys = source_module(source).list_episodes(input_path, **source_options)
-    if not keys:
-        raise FileNotFoundError(f"Source {source!r} found no episodes under {input_path!r}")
+    keys = list_keys(source, input_path, source_options)
     work = functools.partial(read_and_convert, source, input_path, source_options, options)
     summary, writer = Summary(), records.ShardWriter(output_dir, shards)
     start = time.time()
