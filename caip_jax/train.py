@@ -244,7 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         local = next(iterator)
         first = global_batch(local, batch_sharding)
         compiled = step_fn.lower(params, opt_state, first).compile()
-    flops = compiled.cost_analysis().get("flops", 0.0) if compiled.cost_analysis() else 0.0
+    flops = (compiled.cost_analysis() or {}).get("flops", 0.0)
     peak = peak_flops_per_device(jax.devices()[0])
 
     log = MetricsLog(workdir, total_steps=config.total_steps, start=start)

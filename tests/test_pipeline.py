@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caip_jax import actions
 from caip_jax.data import pipeline, records, tokenizer
 from caip_jax.data.stats import RunningStats
 from test_convert import OPTIONS

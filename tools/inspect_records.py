@@ -9,7 +9,7 @@ import os
 
 from absl import app, flags
 
-from caip_jax.data import inspect, pipeline, records
+from caip_jax.data import inspect, pipeline
 
 flags.DEFINE_string("sheet", None, "Contact sheet PNG (default: DIR/contact_sheet.png).")
 flags.DEFINE_integer("num", 16, "Frames on the sheet, or samples to dump.")
