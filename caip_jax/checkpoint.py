@@ -12,7 +12,9 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
+from flax import traverse_util
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
@@ -54,7 +56,7 @@ class Checkpoints:
         """The items stored at `step`."""
         return {p.name for p in (epath.Path(self.directory) / str(step)).iterdir()} & ITEMS
 
-    def _check_shapes(self, step: int, item: str, abstract: PyTree) -> None:
+    def check_shapes(self, step: int, item: str, abstract: PyTree) -> None:
         """Names every array whose shape differs between the checkpoint and `abstract`, before
         orbax would fail with a storage-level message."""
         stored = _shapes(self._manager.item_metadata(step)[item].tree)
@@ -109,7 +111,7 @@ class Checkpoints:
         differ from the checkpoint's is refused by orbax, naming the array.
         """
         stored = self.items(step)
-        self._check_shapes(step, "params", abstract_params)
+        self.check_shapes(step, "params", abstract_params)
         args = dict(params=ocp.args.StandardRestore(abstract_params))
         if abstract_opt_state is not None and "opt_state" in stored:
             args["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
@@ -119,6 +121,23 @@ class Checkpoints:
             args["progress"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         return {name: restored[name] for name in args}
+
+    def param_metadata(self, step: int) -> dict[str, Any]:
+        """Flat parameter names ('img/embedding/kernel') -> orbax metadata (.shape, .dtype),
+        without reading any array."""
+        return traverse_util.flatten_dict(self._manager.item_metadata(step)["params"].tree, sep="/")
+
+    def read_params(self, step: int, names: list[str]) -> dict[str, np.ndarray]:
+        """The parameters `names` (flat, as `param_metadata` gives them) of `step`, as numpy
+        arrays in this process, whatever mesh wrote them; the others are not read, so a reader
+        can go through a large model a few tensors at a time."""
+        wanted = traverse_util.unflatten_dict({tuple(n.split("/")): 0 for n in names})
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = ocp.PyTreeCheckpointer().restore(
+            epath.Path(self.directory) / str(step) / "params",
+            args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True),
+        )
+        return traverse_util.flatten_dict(restored, sep="/")
 
     def restore_config(self, step: int) -> ml_collections.ConfigDict:
         restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))

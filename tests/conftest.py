@@ -1,6 +1,7 @@
 """Test-session setup: CPU only, 8 virtual devices for the multi-device tests, no network;
 and fixtures shared by several test files."""
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ os.environ["XLA_FLAGS"] = (
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# trust_remote_code copies model code here; read by transformers when first imported.
+os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="hf_modules_")
 
 
 @pytest.fixture(scope="module")

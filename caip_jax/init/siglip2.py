@@ -7,9 +7,9 @@ Two sources, both read by `load_siglip2` into one flat naming ('img/embedding/ke
   names are already CAIP's (CAIP keeps big_vision's); files saved with `scan=True` hold each
   tower's blocks as one `encoderblock/...` array with a leading depth axis, unscanned here.
 - Hugging Face directories of the fixed-resolution releases (`SiglipModel`, config.json +
-  model.safetensors). PyTorch Linear weights are [out, in] (Flax kernels are [in, out]);
-  attention projections are split into heads; the vision MAP head's `nn.MultiheadAttention`
-  packs query, key and value into one `in_proj_weight`.
+  model.safetensors), converted by the name table of `caip_jax.export.names` (which the
+  PyTorch export shares); the vision MAP head's `nn.MultiheadAttention` packs query, key and
+  value into one `in_proj_weight`, split here first.
 
 `init_from_siglip2` puts them into a CAIP parameter tree, resizing the image position grid
 when the config's resolution differs from the checkpoint's.
@@ -27,75 +27,7 @@ import scipy.ndimage
 import transformers
 from flax import traverse_util
 
-
-def _linear(w):
-    return w.T
-
-
-def _same(w):
-    return w
-
-
-def _to_heads(heads):
-    """[H*K, D] projection weight -> [D, H, K] kernel; [H*K] bias -> [H, K]."""
-    return lambda w: w.T.reshape(w.shape[1], heads, -1) if w.ndim == 2 else w.reshape(heads, -1)
-
-
-def _from_heads(heads):
-    """[D, H*K] output projection weight -> [H, K, D] kernel."""
-    return lambda w: w.T.reshape(heads, -1, w.shape[0])
-
-
-def _block_rules(heads):
-    """HF names inside an encoder layer or MAP head -> (big_vision name, converter)."""
-    rules = {
-        "layer_norm1": "LayerNorm_0",
-        "layer_norm2": "LayerNorm_1",
-        "layernorm": "LayerNorm_0",  # the MAP head's
-        "mlp.fc1": "MlpBlock_0/Dense_0",
-        "mlp.fc2": "MlpBlock_0/Dense_1",
-    }
-    out = {}
-    for hf, bv in rules.items():
-        out[f"{hf}.weight"] = (f"{bv}/kernel", _linear) if "mlp" in hf else (f"{bv}/scale", _same)
-        out[f"{hf}.bias"] = (f"{bv}/bias", _same)
-    attention = "MultiHeadDotProductAttention_0"
-    for hf_prefix in ("self_attn.", "attention."):
-        for hf, bv in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-            out[f"{hf_prefix}{hf}.weight"] = (f"{attention}/{bv}/kernel", _to_heads(heads))
-            out[f"{hf_prefix}{hf}.bias"] = (f"{attention}/{bv}/bias", _to_heads(heads))
-        out[f"{hf_prefix}out_proj.weight"] = (f"{attention}/out/kernel", _from_heads(heads))
-        out[f"{hf_prefix}out_proj.bias"] = (f"{attention}/out/bias", _same)
-    out["probe"] = ("probe", _same)
-    return out
-
-
-# Whole-tower tensors: HF name -> (big_vision name, converter).
-_TOWER_RULES = {
-    "vision_model.embeddings.patch_embedding.weight": (
-        "img/embedding/kernel",
-        lambda w: w.transpose(2, 3, 1, 0),  # [D, 3, p, p] -> [p, p, 3, D]
-    ),
-    "vision_model.embeddings.patch_embedding.bias": ("img/embedding/bias", _same),
-    "vision_model.embeddings.position_embedding.weight": ("img/pos_embedding", lambda w: w[None]),
-    "vision_model.post_layernorm.weight": ("img/Transformer/encoder_norm/scale", _same),
-    "vision_model.post_layernorm.bias": ("img/Transformer/encoder_norm/bias", _same),
-    "text_model.embeddings.token_embedding.weight": ("txt/Embed_0/embedding", _same),
-    "text_model.embeddings.position_embedding.weight": ("txt/pos_embedding", lambda w: w[None]),
-    "text_model.final_layer_norm.weight": ("txt/Encoder_0/encoder_norm/scale", _same),
-    "text_model.final_layer_norm.bias": ("txt/Encoder_0/encoder_norm/bias", _same),
-    "text_model.head.weight": ("txt/head/kernel", _linear),
-    "text_model.head.bias": ("txt/head/bias", _same),
-    "logit_scale": ("t", lambda w: w.reshape(())),  # already log-space, like big_vision's t
-    "logit_bias": ("b", lambda w: w.reshape(())),
-}
-
-# Prefixes of per-block tensors: HF regex -> big_vision prefix (group 1 is the layer index).
-_BLOCK_PREFIXES = (
-    (r"vision_model\.encoder\.layers\.(\d+)\.", "img/Transformer/encoderblock_{}/"),
-    (r"text_model\.encoder\.layers\.(\d+)\.", "txt/Encoder_0/encoderblock_{}/"),
-    (r"vision_model\.head\.", "img/MAPHead_0/"),
-)
+from caip_jax.export import names
 
 
 def _split_packed_attention(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -119,28 +51,11 @@ def from_hf_state_dict(state: Mapping[str, np.ndarray], num_heads: int) -> dict[
     that no rule knows are refused by name: a silently dropped tensor would leave a tower
     half-initialised.
     """
-    block_rules = _block_rules(num_heads)
-    flat, unknown = {}, []
-    for name, value in _split_packed_attention(state).items():
-        value = np.asarray(value)
-        if name in _TOWER_RULES:
-            target, convert = _TOWER_RULES[name]
-            flat[target] = convert(value)
-            continue
-        for pattern, prefix in _BLOCK_PREFIXES:
-            match = re.match(pattern, name)
-            if match and name[match.end():] in block_rules:
-                target, convert = block_rules[name[match.end():]]
-                flat[prefix.format(*match.groups()) + target] = convert(value)
-                break
-        else:
-            unknown.append(name)
-    if unknown:
-        raise ValueError(f"Unexpected tensors in the SigLIP checkpoint, not mapped to CAIP: {unknown}")
-    return flat
+    return names.to_caip(_split_packed_attention(state), {"tower": num_heads})
 
 
-def replace_towers(params: Mapping, flat: Mapping[str, np.ndarray], towers=("img", "txt")) -> dict:
+def replace_towers(params: Mapping, flat: Mapping[str, np.ndarray], towers=("img", "txt"),
+                   source: str = "The SigLIP checkpoint") -> dict:
     """`params` (a nested CAIP tree) with every tensor of `flat` put in place.
 
     Every leaf under `towers` must be given, every given tensor must exist in `params` with the
@@ -156,16 +71,16 @@ def replace_towers(params: Mapping, flat: Mapping[str, np.ndarray], towers=("img
         if k in current and np.shape(v) != np.shape(current[k])
     )
     problems = [
-        f"{label}: {names}"
-        for label, names in (
+        f"{label}: {listed}"
+        for label, listed in (
             ("missing from the checkpoint", missing),
             ("not in the model", unexpected),
             ("shape differs", mismatched),
         )
-        if names
+        if listed
     ]
     if problems:
-        raise ValueError("The SigLIP checkpoint does not fit the CAIP config. " + "; ".join(problems))
+        raise ValueError(f"{source} does not fit the CAIP config. " + "; ".join(problems))
     current.update({k: np.asarray(v, dtype=current[k].dtype) for k, v in flat.items()})
     return traverse_util.unflatten_dict(current, sep="/")
 

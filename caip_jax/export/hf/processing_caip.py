@@ -1,0 +1,207 @@
+"""CAIP's input processing for the exported PyTorch model: images -> `pixel_values`, texts ->
+`input_ids`, exactly as training and evaluation prepare them for the JAX model.
+
+This file is copied into the exported model directory and run from there by transformers
+(`AutoProcessor.from_pretrained(directory, trust_remote_code=True)`), so it imports only the
+standard library, numpy, PIL, sentencepiece and transformers, and repeats what caip_jax does
+instead of importing it:
+
+- image (caip_jax.data.pipeline.Preprocess.image without augmentation, then
+  caip_jax.device_prep.color_jitter with unit factors): `.convert("RGB")` (alpha dropped,
+  greyscale repeated), the whole frame resized to S x S by PIL's bilinear filter (the aspect
+  ratio is not kept), then `x / 255 * 2 - 1` in float32, channels first: [3, S, S] in [-1, 1].
+  color_jitter's identity blends round differently, so the device's values may differ from
+  these by a few float32 ulps (at most 2.4e-7 measured on CPU).
+- text (caip_jax.data.tokenizer.Tokenizer, big_vision's SigLIP 2 text preprocessing): only
+  ASCII capitals lowered ('É' stays 'É'), sentencepiece ids without BOS, the EOS appended and
+  kept last when a text is cut to L ids, then the pad id to the right up to L. There is no
+  attention mask: the text tower sees the pads and pools the last position.
+
+The directory holds processor_config.json ({"image_size": S, "text_length": L} and the
+auto_map that points AutoProcessor here), tokenizer.model and this file; `save_pretrained`
+writes all three.
+"""
+import json
+import os
+import shutil
+import string
+from collections.abc import Sequence
+
+import numpy as np
+import sentencepiece
+from PIL import Image
+from transformers import BatchFeature
+from transformers.utils import cached_file
+
+PROCESSOR_CONFIG = "processor_config.json"  # the file AutoProcessor reads first
+TOKENIZER_MODEL = "tokenizer.model"
+MODULE = os.path.splitext(os.path.basename(__file__))[0]
+
+# Keyword arguments that only say where a directory or Hub repo's files are.
+_FILE_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+class CAIPProcessor:
+    """`processor(images=..., text=..., return_tensors="pt")` -> BatchFeature with
+    `pixel_values` [B, 3, S, S] float32 and/or `input_ids` [B, L] int64.
+
+    A plain class rather than a transformers ProcessorMixin: the mixin wants its parts to be
+    transformers tokenizers and image processors (it loads them with AutoTokenizer and
+    serialises them by their own configs), and this tokenizer is sentencepiece itself, so
+    that the ids are exactly the ones training used.
+    """
+
+    model_input_names = ["pixel_values", "input_ids"]
+    _auto_class = None
+
+    def __init__(self, tokenizer_file: str, image_size: int, text_length: int):
+        """`tokenizer_file`: the sentencepiece .model the model was trained with (or a directory
+        holding it as tokenizer.model); `image_size`: S; `text_length`: L (SigLIP 2: 64)."""
+        if os.path.isdir(tokenizer_file):
+            tokenizer_file = os.path.join(tokenizer_file, TOKENIZER_MODEL)
+        if int(image_size) < 1 or int(text_length) < 1:
+            raise ValueError(
+                f"image_size={image_size}, text_length={text_length}: both must be positive "
+                "(a text needs at least one position, its EOS)"
+            )
+        self.image_size, self.text_length = int(image_size), int(text_length)
+        with open(tokenizer_file, "rb") as f:
+            self._model_proto = f.read()
+        self._load_tokenizer()
+        if self.pad_id < 0 or self.eos_id < 0:
+            raise ValueError(
+                f"{tokenizer_file}: the sentencepiece model has no pad or no EOS piece (pad_id="
+                f"{self.pad_id}, eos_id={self.eos_id}); give the model CAIP was trained with"
+            )
+
+    def _load_tokenizer(self):
+        self._sp = sentencepiece.SentencePieceProcessor(model_proto=self._model_proto)
+
+    # Pickled (e.g. into DataLoader workers) as the model's bytes; sentencepiece's object is rebuilt.
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_sp"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._load_tokenizer()
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(image_size={self.image_size}, text_length={self.text_length}, "
+            f"vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos_id={self.eos_id})"
+        )
+
+    def __call__(self, images=None, text=None, return_tensors=None) -> BatchFeature:
+        """`images`: a PIL image or an [H, W], [H, W, 3] or [H, W, 4] uint8 array, or a list of
+        them (or a [B, H, W, C] uint8 array); `text`: a string or a list of strings;
+        `return_tensors`: None or "np" (numpy arrays), "pt" (torch tensors)."""
+        if images is None and text is None:
+            raise ValueError("give images=, text= or both")
+        data = {}
+        if images is not None:
+            data["pixel_values"] = self.preprocess_images(images)
+        if text is not None:
+            data["input_ids"] = self.tokenize(text)
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def preprocess_images(self, images) -> np.ndarray:
+        """One image or a list of them -> [B, 3, S, S] float32 in [-1, 1]."""
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise ValueError("images is an empty list")
+        pixels = np.stack([self._resize(image) for image in images])  # [B, S, S, 3] uint8
+        scaled = pixels.astype(np.float32) / np.float32(255) * np.float32(2) - np.float32(1)
+        return np.ascontiguousarray(scaled.transpose(0, 3, 1, 2))
+
+    def _resize(self, image) -> np.ndarray:
+        """One image -> [S, S, 3] uint8, as caip_jax.data.pipeline.Preprocess.image(image, None)."""
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (2, 3):
+                raise TypeError(
+                    f"an image array of dtype {image.dtype} and shape {image.shape}: give uint8 "
+                    "[H, W], [H, W, 3] or [H, W, 4] (or a PIL image)"
+                )
+            image = Image.fromarray(image)
+        elif not isinstance(image, Image.Image):
+            raise TypeError(f"an image of type {type(image).__name__}: give a PIL image or a uint8 numpy array")
+        size = (self.image_size, self.image_size)
+        return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
+
+    def tokenize(self, text: str | Sequence[str]) -> np.ndarray:
+        """One text or a list of them -> [B, L] int64 ids, as caip_jax.data.tokenizer.Tokenizer."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"text={text!r}: give a string or a non-empty list of strings")
+        pieces = self._sp.encode([t.translate(_ASCII_LOWER) for t in texts])
+        ids = np.full((len(texts), self.text_length), self.pad_id, np.int64)
+        for row, tokens in zip(ids, pieces):
+            tokens = tokens[: self.text_length - 1] + [self.eos_id]  # a cut text keeps its EOS last
+            row[: len(tokens)] = tokens
+        return ids
+
+    def save_pretrained(self, save_directory: str) -> list[str]:
+        """Writes processor_config.json, tokenizer.model and this file into `save_directory`;
+        returns their paths."""
+        os.makedirs(save_directory, exist_ok=True)
+        config, model, module = (
+            os.path.join(save_directory, name) for name in (PROCESSOR_CONFIG, TOKENIZER_MODEL, MODULE + ".py")
+        )
+        with open(config, "w") as f:
+            json.dump(
+                {
+                    "processor_class": type(self).__name__,
+                    "auto_map": {"AutoProcessor": f"{MODULE}.{type(self).__name__}"},
+                    "image_size": self.image_size,
+                    "text_length": self.text_length,
+                },
+                f,
+                indent=2,
+            )
+            f.write("\n")
+        with open(model, "wb") as f:
+            f.write(self._model_proto)
+        if not (os.path.exists(module) and os.path.samefile(__file__, module)):
+            shutil.copyfile(__file__, module)
+        return [config, model, module]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> "CAIPProcessor":
+        """Loads a directory (or Hub repo) that `save_pretrained` wrote. `kwargs`: where its
+        files are (cache_dir, revision, local_files_only, ...); AutoProcessor's own private
+        arguments and trust_remote_code are ignored."""
+        where = {k: kwargs.pop(k) for k in _FILE_KWARGS if k in kwargs}
+        unknown = [k for k in kwargs if not k.startswith("_") and k not in ("trust_remote_code", "code_revision")]
+        if unknown:
+            raise TypeError(
+                f"unexpected arguments {unknown}: image_size and text_length are fixed by the "
+                f"trained model; edit {PROCESSOR_CONFIG} only if the model was trained so"
+            )
+        with open(cached_file(pretrained_model_name_or_path, PROCESSOR_CONFIG, **where)) as f:
+            config = json.load(f)
+        return cls(
+            tokenizer_file=cached_file(pretrained_model_name_or_path, TOKENIZER_MODEL, **where),
+            image_size=config["image_size"],
+            text_length=config["text_length"],
+        )
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoProcessor"):
+        """Called by AutoProcessor on the class it loaded from the model directory."""
+        cls._auto_class = auto_class if isinstance(auto_class, str) else auto_class.__name__

@@ -1,0 +1,198 @@
+"""The PyTorch export: a Hugging Face directory that AutoModel/AutoProcessor load as the paper's
+"Get started" shows, giving what the JAX model gives; and the way back."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+from flax import traverse_util
+from PIL import Image
+
+import tiny_run_config
+from caip_jax import train
+from caip_jax.checkpoint import Checkpoints
+from caip_jax.data import pipeline
+from caip_jax.export import hf_dir, safetensors_stream
+from caip_jax.models import model_from_config
+
+# The paper's "Get started", as published; only REPO is set to the exported directory.
+SNIPPET = '''
+from transformers import AutoModel, AutoProcessor
+from PIL import Image
+import torch
+
+REPO = "yuvansharma/caip-vitl256"
+model = AutoModel.from_pretrained(REPO, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(REPO, trust_remote_code=True)
+
+image = Image.open("example.png").convert("RGB")
+inputs = processor(images=image, text="pick up the red cup", return_tensors="pt")
+
+with torch.no_grad():
+    out = model(**inputs)
+
+# out.image_pooled    [B, 1024]       text-conditioned pooled image embedding
+# out.patch_features  [B, 256, 1024]  patch tokens
+# out.text_tokens     [B, 64, 1024]   text token embeddings
+# out.text_pooled     [B, 1024]       pooled text embedding
+'''
+OUTPUTS = ("image_pooled", "patch_features", "text_tokens", "text_pooled", "image_map", "action_embedding")
+
+
+def run_config(record_set):
+    config = tiny_run_config.get_config()
+    config.data.train, config.data.tokenizer = record_set
+    config.total_steps = 3
+    # Pooling heads differ from the towers' (4) and the action tower's (3): each group of
+    # attention blocks must be converted with its own head count.
+    config.model.pool.update(num_heads=2, mlp_dim=48)
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(record_set, tmp_path_factory):
+    """A tiny CAIP trained 3 steps, exported in float32: (config, workdir, export dir)."""
+    config = run_config(record_set)
+    workdir = str(tmp_path_factory.mktemp("run"))
+    train.train(config, workdir)
+    out = str(tmp_path_factory.mktemp("hf") / "caip-tiny")
+    hf_dir.export(workdir, out)
+    return config, workdir, out
+
+
+def checkpoint_params(workdir):
+    checkpoints = Checkpoints(workdir)
+    step = checkpoints.latest_step()
+    flat = checkpoints.read_params(step, list(checkpoints.param_metadata(step)))
+    checkpoints.close()
+    return flat
+
+
+def inputs(config, record_set, count=4, seed=0):
+    """Record images and texts (as training preprocesses them, without augmentation) and random
+    action chunks with some hands missing."""
+    model = config.model
+    preprocess = pipeline.Preprocess(record_set[1], model.image_size, model.text.length, model.action.horizon)
+    samples = [pipeline.eval_samples(record_set[0], preprocess)[i] for i in range(count)]
+    rng = np.random.default_rng(seed)
+    return dict(
+        image=np.stack([s["image"] for s in samples]).astype(np.float32) / 255 * 2 - 1,
+        text=np.stack([s["text"] for s in samples]),
+        action=rng.normal(size=(count, model.action.horizon, 2, 21, 9)).astype(np.float32),
+        action_mask=rng.random((count, model.action.horizon, 2)) < 0.8,
+    )
+
+
+def jax_outputs(config, flat, batch):
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    model = model_from_config(config.model)
+    out = model.apply({"params": params}, **batch, return_attention=True)
+    return jax.tree.map(np.asarray, out)
+
+
+def torch_outputs(model, batch):
+    with torch.no_grad():
+        out = model(
+            pixel_values=torch.from_numpy(batch["image"]).permute(0, 3, 1, 2),
+            input_ids=torch.from_numpy(batch["text"]).long(),
+            action=torch.from_numpy(batch["action"]),
+            action_mask=torch.from_numpy(batch["action_mask"]),
+            output_attentions=True,
+        )
+    return {k: v.float().numpy() for k, v in out.items()}
+
+
+def test_torch_gives_the_jax_outputs(trained, record_set):
+    config, workdir, out = trained
+    batch = inputs(config, record_set)
+    expected = jax_outputs(config, checkpoint_params(workdir), batch)
+    model = transformers.AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    got = torch_outputs(model, batch)
+    for name in OUTPUTS + ("stage1_attention", "stage2_attention"):
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-4, rtol=0, err_msg=name)
+    # The padded text positions really are masked in stage 2, so the check above covers masking.
+    assert (expected["stage2_attention"][batch["text"][:, None, :].repeat(2, 1) == 0] == 0).all()
+    # Sigmoid logits as SiglipModel's: exp(t) * cosine(image+text, action) + b, from JAX's values.
+    params = checkpoint_params(workdir)
+    z = [x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (expected["image_pooled"], expected["action_embedding"])]
+    logits = z[0] @ z[1].T * np.exp(params["t"]) + params["b"]
+    np.testing.assert_allclose(got["logits_per_image"], logits, atol=1e-4)
+    np.testing.assert_allclose(got["logits_per_action"], logits.T, atol=1e-4)
+
+
+def test_the_papers_snippet_runs_on_the_export(trained, tmp_path):
+    config, _, out = trained
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), np.uint8)).save(tmp_path / "example.png")
+    script = SNIPPET.replace("yuvansharma/caip-vitl256", out)
+    script += "print({k: list(getattr(out, k).shape) for k in ('image_pooled', 'patch_features', 'text_tokens', 'text_pooled')})\n"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    shapes = json.loads(result.stdout.strip().splitlines()[-1].replace("'", '"'))
+    d, n, length = 32, (config.model.image_size // 8) ** 2, config.model.text.length
+    assert shapes == dict(image_pooled=[1, d], patch_features=[1, n, d], text_tokens=[1, length, d], text_pooled=[1, d])
+
+
+def test_export_then_import_gives_back_identical_parameters(trained, tmp_path):
+    config, workdir, out = trained
+    hf_dir.import_torch(out, str(tmp_path / "back"))
+    original, back = checkpoint_params(workdir), checkpoint_params(str(tmp_path / "back"))
+    assert original.keys() == back.keys()
+    for name in original:
+        np.testing.assert_array_equal(back[name], original[name], err_msg=name)
+    restored = Checkpoints(str(tmp_path / "back")).restore_config(0)
+    assert restored.model.to_dict() == config.model.to_dict()
+
+
+def test_bfloat16_export_stays_close(trained, record_set, tmp_path):
+    config, workdir, out = trained
+    hf_dir.export(workdir, str(tmp_path / "bf16"), dtype="bfloat16")
+    model = transformers.AutoModel.from_pretrained(str(tmp_path / "bf16"), trust_remote_code=True).eval()
+    assert model.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    batch = inputs(config, record_set)
+    expected = jax_outputs(config, checkpoint_params(workdir), batch)
+    got = torch_outputs(model, batch)
+    for name in OUTPUTS:
+        # bfloat16 keeps 8 significant bits; errors grow through the layers. The stated
+        # tolerance: 5% of the output's largest magnitude, and cosine similarity above 0.999.
+        scale = np.abs(expected[name]).max()
+        assert np.abs(got[name] - expected[name]).max() < 0.05 * scale, name
+        a, b = got[name].reshape(len(got[name]), -1), expected[name].reshape(len(got[name]), -1)
+        cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert cosine.min() > 0.999, (name, cosine)
+
+
+def test_exporting_a_checkpoint_of_another_config_names_the_tensor(trained, tmp_path):
+    config, workdir, _ = trained
+    other = config.copy_and_resolve_references()
+    other.model.action.horizon = 4  # the checkpoint's act/pos_embedding has 8 steps
+    checkpoints = Checkpoints(str(tmp_path / "mismatch"), asynchronous=False)
+    params = traverse_util.unflatten_dict(checkpoint_params(workdir), sep="/")
+    checkpoints.save(3, params, config=other)
+    checkpoints.close()
+    with pytest.raises(ValueError, match=r"\['act'\]\['pos_embedding'\]: checkpoint \(1, 8, 24\) vs model \(1, 4, 24\)"):
+        hf_dir.export(str(tmp_path / "mismatch"), str(tmp_path / "out"))
+
+
+def test_streamed_safetensors_read_back(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"a.weight": rng.normal(size=(3, 5)).astype(np.float32), "b": np.float32(rng.normal(size=(1,)))}
+    specs = {k: (v.shape, "float32") for k, v in arrays.items()}
+    path = str(tmp_path / "model.safetensors")
+    safetensors_stream.save(path, specs, arrays.items(), metadata={"format": "pt"})
+    loaded = safetensors.numpy.load_file(path)
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    with pytest.raises(ValueError, match="'b' .* arrived where 'a.weight'"):
+        safetensors_stream.save(path, specs, reversed(list(arrays.items())))
+    bf16 = {k: (v.shape, "bfloat16") for k, v in arrays.items()}
+    safetensors_stream.save(path, bf16, arrays.items())
+    from safetensors.torch import load_file
+    np.testing.assert_array_equal(load_file(path)["a.weight"].float().numpy(),
+                                  torch.from_numpy(arrays["a.weight"]).bfloat16().float().numpy())
