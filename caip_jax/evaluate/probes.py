@@ -1,0 +1,257 @@
+"""Linear probes on frozen features: closed-form ridge regression (regulariser chosen on a
+held-out split), pooled R^2 (also per horizon prefix), and an L-BFGS logistic-regression probe.
+
+All in float32. Matmuls ask for full float32 precision: by default GPUs use TF32 and TPUs bf16
+passes for float32 matmuls, which costs ridge its ~1e-4 recovery of a planted map.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+_mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+
+LAMBDAS = tuple(10.0**p for p in range(-6, 4))  # 1e-6 ... 1e3
+L2S = tuple(10.0**p for p in range(-6, 0))  # 1e-6 ... 1e-1
+
+
+def split_rows(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded permutation of range(n) cut into (fit rows, val rows); val gets
+    round(val_fraction * n) rows."""
+    n_val = int(round(val_fraction * n))
+    if not 1 <= n_val <= n - 2:
+        raise ValueError(f"val_fraction={val_fraction} of n={n} rows leaves {n_val} val rows; "
+                         "need 1 <= val rows <= n - 2: use more rows or another val_fraction")
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[n_val:], perm[:n_val]
+
+
+# ---------------------------------------------------------------------------------- ridge
+
+
+@dataclasses.dataclass(frozen=True)
+class Ridge:
+    """predict(x) = x @ kernel [d, k] + bias [k]; lam was picked from lambdas by val_scores
+    (the held-out weighted MSE of each lambda, fitted on the fit rows only)."""
+    kernel: jax.Array
+    bias: jax.Array
+    lam: float
+    lambdas: tuple[float, ...]
+    val_scores: tuple[float, ...]
+
+
+@jax.jit
+def _spectrum(x, y):
+    """Centres x [n, d], y [n, k] and diagonalises the ridge problem once for all lambdas:
+    kernel(lam) = q @ (b / (s + n lam)[:, None]) with s [r], q [d, r], b [r, k]; also the means.
+    Primal (eigh of the d x d Gram xc^T xc) when d <= n, else dual (eigh of the n x n xc xc^T)."""
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    if x.shape[1] <= x.shape[0]:
+        s, v = jnp.linalg.eigh(_mm(xc.T, xc))
+        q, b = v, _mm(v.T, _mm(xc.T, yc))
+    else:
+        s, u = jnp.linalg.eigh(_mm(xc, xc.T))
+        q, b = _mm(xc.T, u), _mm(u.T, yc)
+    # Round-off leaves null directions slightly negative; s + n lam must stay positive.
+    return jnp.maximum(s, 0.0), q, b, x_mean, y_mean
+
+
+@jax.jit
+def _val_scores(x_fit, y_fit, x_val, y_val, w_val, lambdas):
+    """Weighted val MSE [L] of the ridge fitted on (x_fit, y_fit) at each of lambdas [L]."""
+    s, q, b, x_mean, y_mean = _spectrum(x_fit, y_fit)
+    p = _mm(x_val - x_mean, q)  # [n_val, r]: one projection serves every lambda
+
+    def score(lam):
+        pred = _mm(p, b / (s + x_fit.shape[0] * lam)[:, None]) + y_mean
+        return jnp.sum(w_val * (y_val - pred) ** 2) / jnp.sum(w_val)
+
+    return jax.lax.map(score, lambdas)
+
+
+@jax.jit
+def _solve(x, y, lam):
+    s, q, b, x_mean, y_mean = _spectrum(x, y)
+    kernel = _mm(q, b / (s + x.shape[0] * lam)[:, None])
+    return kernel, y_mean - _mm(x_mean, kernel)
+
+
+def fit_ridge(x, y, lambdas=LAMBDAS, val_fraction: float = 0.2, seed: int = 0,
+              weights=None) -> Ridge:
+    """Ridge regression x [n, d] -> y [n, k]: minimises (1/n) sum_i ||y_i - x_i W - b||^2 +
+    lam ||W||^2 (features centred, bias unpenalised; lam is per row, so one grid fits any n).
+
+    lam is chosen from `lambdas` by MSE on a held-out split (`split_rows(n, val_fraction, seed)`;
+    the smallest MSE wins, ties go to the larger lam), then the probe is refitted on all n rows.
+    weights [n, k] in {0, 1} marks valid targets: masked entries count in neither the val MSE
+    nor (via r2_score) R^2, but the fit itself treats masked targets as 0 (one Gram matrix for
+    all targets instead of one per mask pattern).
+    """
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y, np.float32)
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"need x [n, d] and y [n, k]; got {x.shape} and {y.shape}: reshape y "
+                         "to [n, -1]")
+    w = np.ones_like(y) if weights is None else np.broadcast_to(np.asarray(weights, np.float32), y.shape)
+    y = np.where(w > 0, y, 0.0).astype(np.float32)
+    lambdas = tuple(float(lam) for lam in lambdas)
+    fit, val = split_rows(len(x), val_fraction, seed)
+    scores = np.asarray(_val_scores(x[fit], y[fit], x[val], y[val], w[val],
+                                    jnp.asarray(lambdas, jnp.float32)))
+    scores = np.where(np.isnan(scores), np.inf, scores)
+    best = min(range(len(lambdas)), key=lambda i: (scores[i], -lambdas[i]))
+    kernel, bias = _solve(x, y, jnp.float32(lambdas[best]))
+    return Ridge(kernel, bias, lambdas[best], lambdas, tuple(float(s) for s in scores))
+
+
+def predict(probe: Ridge, x) -> jax.Array:
+    """x [n, d] -> [n, k]."""
+    return _mm(jnp.asarray(x, jnp.float32), probe.kernel) + probe.bias
+
+
+# ---------------------------------------------------------------------------------- R^2
+
+
+def r2_score(y_true, y_pred, weights=None) -> float:
+    """Pooled R^2 of y_pred [n, k] against y_true [n, k] over the valid entries (weights [n, k]
+    in {0, 1}, default all valid): 1 - SSE / SST, where SSE sums the squared errors over all
+    columns and SST the squared deviations of y_true from its per-column mean of valid values,
+    over all columns (sklearn's multioutput="variance_weighted"). nan when SST is 0."""
+    y_true = jnp.asarray(y_true, jnp.float32)
+    y_pred = jnp.asarray(y_pred, jnp.float32)
+    w = jnp.ones_like(y_true) if weights is None else jnp.broadcast_to(
+        jnp.asarray(weights, jnp.float32), y_true.shape)
+    # Zero masked entries before squaring: a huge masked value times 0 weight is still inf * 0.
+    valid = w > 0
+    y_true, y_pred = jnp.where(valid, y_true, 0.0), jnp.where(valid, y_pred, 0.0)
+    mean = jnp.sum(w * y_true, 0) / jnp.maximum(jnp.sum(w, 0), 1.0)
+    sse = jnp.sum(w * (y_true - y_pred) ** 2)
+    sst = jnp.sum(w * (y_true - mean) ** 2)
+    return float(1.0 - sse / sst) if sst > 0 else float("nan")
+
+
+def horizon_r2(y_true, y_pred, mask=None, horizons=(8, 32, 64)) -> dict[str, float]:
+    """R^2 of trajectories y [n, T, ...]: "overall", and f"first_{h}" over steps [0, h) for each
+    h <= T. Each is r2_score on the prefix flattened to [n, h * ...], so SST is taken around the
+    per-(step, dimension) mean, the baseline a probe's bias can reach. mask [n, T, ...] (1 =
+    valid) is broadcast to y after appending missing trailing axes ([n, T] masks whole steps)."""
+    y_true = np.asarray(y_true, np.float32)
+    y_pred = np.asarray(y_pred, np.float32).reshape(y_true.shape)
+    if y_true.ndim < 2:
+        raise ValueError(f"need y [n, T, ...]; got shape {y_true.shape}")
+    if mask is None:
+        mask = np.ones_like(y_true)
+    mask = np.asarray(mask, np.float32)
+    mask = np.broadcast_to(mask.reshape(mask.shape + (1,) * (y_true.ndim - mask.ndim)), y_true.shape)
+    n, steps = y_true.shape[:2]
+
+    def prefix(h):
+        return r2_score(*(a[:, :h].reshape(n, -1) for a in (y_true, y_pred, mask)))
+
+    out = {"overall": prefix(steps)}
+    out.update({f"first_{h}": prefix(h) for h in horizons if h <= steps})
+    return out
+
+
+# ---------------------------------------------------------------------------------- logistic
+
+
+@dataclasses.dataclass(frozen=True)
+class Logistic:
+    """Softmax probe on standardised features: logits = ((x - mean) / std) @ kernel [d, C] +
+    bias [C]; l2 was picked from l2s by val_accuracies."""
+    kernel: jax.Array
+    bias: jax.Array
+    mean: jax.Array
+    std: jax.Array
+    l2: float
+    l2s: tuple[float, ...]
+    val_accuracies: tuple[float, ...]
+
+
+def _standardise(x):
+    mean, std = x.mean(0), x.std(0)
+    return mean, jnp.maximum(std, 1e-6)  # constant features would divide by 0
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps", "learning_rate"))
+def _train_logistic(x, labels, l2, num_classes, steps, learning_rate):
+    """Full-batch L-BFGS on mean softmax cross-entropy + l2 ||W||^2 -> (kernel, bias, mean, std).
+    The objective is strongly convex, so L-BFGS with a line search converges in tens of steps;
+    once the gradient vanishes the state is frozen (further curvature pairs would be 0 / 0)."""
+    mean, std = _standardise(x)
+    z = (x - mean) / std
+
+    def loss(params):
+        kernel, bias = params
+        logits = _mm(z, kernel) + bias
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return ce + l2 * jnp.sum(kernel**2)
+
+    opt = optax.lbfgs(learning_rate=learning_rate)
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def step(carry, _):
+        params, state = carry
+        value, grad = value_and_grad(params, state=state)
+        updates, new_state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+        new_params = optax.apply_updates(params, updates)
+        keep = (optax.tree.norm(grad) < 1e-6) | ~jnp.isfinite(optax.tree.norm(new_params))
+        return jax.tree.map(lambda old, new: jnp.where(keep, old, new),
+                            (params, state), (new_params, new_state)), None
+
+    params = (jnp.zeros((x.shape[1], num_classes)), jnp.zeros(num_classes))
+    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+    return (*params, mean, std)
+
+
+def _logits(kernel, bias, mean, std, x):
+    return _mm((jnp.asarray(x, jnp.float32) - mean) / std, kernel) + bias
+
+
+def fit_logistic(x, labels, num_classes: int, l2=L2S, val_fraction: float = 0.2,
+                 steps: int = 500, learning_rate: float | None = None, seed: int = 0) -> Logistic:
+    """Softmax regression x [n, d] -> labels [n] int in [0, num_classes). l2 is chosen from the
+    grid by accuracy on a held-out split (`split_rows`; ties go to the larger l2), then the probe
+    is refitted on all rows. learning_rate None lets L-BFGS's zoom line search pick each step."""
+    x = np.asarray(x, np.float32)
+    labels = np.asarray(labels, np.int32)
+    if labels.shape != (len(x),) or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"need labels [n={len(x)}] in [0, {num_classes}); got shape "
+                         f"{labels.shape}, range [{labels.min()}, {labels.max()}]: drop unseen "
+                         "(-1) rows from training or raise num_classes")
+    l2 = tuple(float(v) for v in l2)
+    fit, val = split_rows(len(x), val_fraction, seed)
+    train = functools.partial(_train_logistic, num_classes=num_classes, steps=steps,
+                              learning_rate=learning_rate)
+    accs = []
+    for v in l2:
+        params = train(x[fit], labels[fit], jnp.float32(v))
+        accs.append(accuracy(labels[val], jnp.argmax(_logits(*params, x[val]), -1)))
+    best = max(range(len(l2)), key=lambda i: (accs[i], l2[i]))
+    params = train(x, labels, jnp.float32(l2[best]))
+    return Logistic(*params, l2[best], l2, tuple(accs))
+
+
+def predict_logistic(probe: Logistic, x) -> jax.Array:
+    """x [n, d] -> predicted class ids [n]."""
+    return jnp.argmax(_logits(probe.kernel, probe.bias, probe.mean, probe.std, x), -1)
+
+
+def accuracy(labels, predicted) -> float:
+    """Fraction of labels [n] equal to predicted [n] (a label of -1 never matches)."""
+    return float(np.mean(np.asarray(labels) == np.asarray(predicted)))
+
+
+def encode_labels(train: list[str], test: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Label strings -> (train ids [n_train], test ids [n_test], classes): classes are the sorted
+    distinct train labels, ids index them; a test label never seen in train gets -1, which no
+    prediction matches, so it counts as wrong in `accuracy`."""
+    classes = sorted(set(train))
+    index = {c: i for i, c in enumerate(classes)}
+    return (np.array([index[c] for c in train], np.int32),
+            np.array([index.get(c, -1) for c in test], np.int32), classes)
