@@ -39,11 +39,15 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "caip-demo=tools.demo:run",
+            "caip-export-torch=tools.export_torch:run",
             "caip-import-siglip2=tools.import_siglip2:run",
+            "caip-import-torch=tools.import_torch:run",
             "caip-inspect=tools.inspect_records:run",
+            "caip-linear-probe=tools.linear_probe:run",
             "caip-make-records=tools.make_records:run",
             "caip-model-info=tools.model_info:run",
             "caip-records-to-tfds=tools.records_to_tfds:run",
+            "caip-saliency=tools.saliency:run",
             "caip-train=tools.train:run",
         ],
     },

@@ -132,9 +132,20 @@ def global_batch(local: dict, batch_sharding) -> dict:
 
 def training_batches(config: ml_collections.ConfigDict) -> tuple[list[pipeline.Source], Any, np.ndarray, np.ndarray]:
     """The sources of `data.train`, this process's training batches, and the action mean and
-    std [S, 2, 21, 9] per source: the mixture's statistics for every source, or each source's
-    own (`data.stats="per_source"`: robot end-effectors and human hands move on other scales),
-    or 0 and 1 with `data.normalize=False`."""
+    std [S, 2, 21, 9] per source (see `action_stats`)."""
+    sources, mean, std = action_stats(config)
+    model, data = config.model, config.data
+    preprocess = pipeline.Preprocess(data.tokenizer, model.image_size, model.text.length, model.action.horizon)
+    mixture = [(s.path, preprocess, s.weight) for s in sources]
+    batches = pipeline.train_batches(mixture, config.batch_size, config.seed, jax.process_index(), jax.process_count())
+    return sources, batches, mean, std
+
+
+def action_stats(config: ml_collections.ConfigDict) -> tuple[list[pipeline.Source], np.ndarray, np.ndarray]:
+    """The sources of `data.train` and the action mean and std [S, 2, 21, 9] per source: the
+    mixture's statistics for every source, or each source's own (`data.stats="per_source"`:
+    robot end-effectors and human hands move on other scales), or 0 and 1 with
+    `data.normalize=False`."""
     data = config.data
     if data.delta not in actions.DELTAS:
         raise pipeline.DataConfigError(f"data.delta={data.delta!r} is not one of {actions.DELTAS}")
@@ -149,11 +160,7 @@ def training_batches(config: ml_collections.ConfigDict) -> tuple[list[pipeline.S
             stats = [pipeline.mixture_stats(stats, [s.weight for s in sources])] * len(sources)
         mean[:] = [st[data.delta]["mean"] for st in stats]
         std[:] = [st[data.delta]["std"] for st in stats]
-    model = config.model
-    preprocess = pipeline.Preprocess(data.tokenizer, model.image_size, model.text.length, model.action.horizon)
-    mixture = [(s.path, preprocess, s.weight) for s in sources]
-    batches = pipeline.train_batches(mixture, config.batch_size, config.seed, jax.process_index(), jax.process_count())
-    return sources, batches, mean, std
+    return sources, mean, std
 
 
 def read_stats(path: str) -> dict:

@@ -1,4 +1,5 @@
-"""The README's main job: demo-world records, then training configs/demo.py on this machine.
+"""The README's main job: demo-world records, training configs/demo.py on this machine,
+evaluating it against its random init, and exporting it for PyTorch.
 
   caip-demo --workdir workdirs/demo [--config configs/demo.py] [--num_episodes 160]
 """
@@ -22,12 +23,22 @@ def main(argv):
         absl_logging.set_verbosity(absl_logging.WARNING)
     from caip_jax import demo
 
-    logged = demo.run(FLAGS.config, FLAGS.workdir, FLAGS.num_episodes)
+    result = demo.run(FLAGS.config, FLAGS.workdir, FLAGS.num_episodes)
+    logged, report = result["metrics"], result["report"]
     first, last = logged[0], logged[-1]
     print(f"in-batch retrieval top-1 (image + text -> action), chance {last['chance_top1']:.3f}:")
     print(f"  step {first['step']:>4}: {first['top1']:.3f}  (loss {first['loss']:.3f})")
     print(f"  step {last['step']:>4}: {last['top1']:.3f}  (loss {last['loss']:.3f})")
-    print(f"metrics: {FLAGS.workdir}/train/metrics.jsonl, TensorBoard: {FLAGS.workdir}/train/tensorboard")
+    print("held-out episodes, frozen image_pooled features (linear probes) and retrieval:")
+    for name, row in report.items():
+        probe = row["probes"]["image_pooled"]
+        accuracy = "  ".join(f"{label} {value:.2f}" for label, value in probe["accuracy"].items())
+        recall = row["retrieval"]["image_text_to_action/recall@1"]
+        print(f"  {name:>12}: action R² {probe['action_r2']['overall']:.3f}  {accuracy}  recall@1 {recall:.3f}")
+    train = f"{FLAGS.workdir}/train"
+    print(f"metrics: {train}/metrics.jsonl, TensorBoard: {train}/tensorboard")
+    print(f"evaluation: {train}/probe/report.md, {train}/probe/r2_by_horizon.png, {train}/saliency/sheet.png")
+    print(f"PyTorch: AutoModel.from_pretrained('{FLAGS.workdir}/hf', trust_remote_code=True)")
 
 
 def run():

@@ -77,7 +77,9 @@ class Tokenizer:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """B texts -> ids [B, length] int32: ASCII-lowercased, no BOS, EOS last even when the
-        text is cut, pads (`pad_id`) on the right."""
+        text is cut, pads (`pad_id`) on the right. The exported processor
+        (caip_jax/export/hf/processing_caip.py) repeats this, as it must run without caip_jax;
+        tests/test_processing.py holds the two equal."""
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts; wrap a single text as [text]")
         pieces = self._sp.encode([text.translate(_ASCII_LOWER) for text in texts])

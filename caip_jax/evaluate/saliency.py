@@ -8,6 +8,7 @@ Patches are row-major over the g x g grid, as the ViT's patch embedding flattens
 
 The maths is jnp (jit-friendly); the drawing is numpy + PIL, with no plotting library.
 """
+import io
 import math
 import os
 
@@ -102,6 +103,20 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarr
         raise ValueError(f"alpha={alpha} must lie in [0, 1]")
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colorize(heat)
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def load_frames(frames: list, size: int) -> np.ndarray:
+    """Image files, JPEG bytes or PIL images -> uint8 [B, size, size, 3], resized as the model's
+    input (the whole frame, bilinear: `Preprocess.image` without augmentation)."""
+    load = lambda f: Image.open(io.BytesIO(f)) if isinstance(f, bytes) else f if isinstance(f, Image.Image) else Image.open(f)
+    return np.stack([np.asarray(load(f).convert("RGB").resize((size, size), Image.BILINEAR)) for f in frames])
+
+
+def overlay_patches(image: np.ndarray, weights: np.ndarray, display: int = 256) -> np.ndarray:
+    """image uint8 [S, S, 3] and its patch saliency [N] -> uint8 [display, display, 3]: the
+    image resized to `display` with the upsampled saliency overlaid."""
+    frame = np.asarray(Image.fromarray(np.asarray(image)).resize((display, display), Image.BILINEAR))
+    return overlay(frame, upsample(saliency_grid(np.asarray(weights)), (display, display)))
 
 
 def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:

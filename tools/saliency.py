@@ -1,0 +1,52 @@
+"""The paper's saliency maps: where CAIP's text-conditioned pooling looks (stage-2 weights times
+stage-1 weights, summed over text tokens), upsampled and overlaid on each frame. Writes one PNG
+per image and a contact sheet of all of them to --out.
+
+  caip-saliency --workdir /runs/l16 --image a.png --text "pick up the red cup" --image b.png --text "open the drawer"
+  caip-saliency --workdir /runs/l16 --records /data/test --num 16
+"""
+import os
+
+from absl import app, flags
+
+flags.DEFINE_string("workdir", None, "The run directory holding checkpoints/.")
+flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
+flags.DEFINE_multi_string("image", [], "An image file; give one --text per --image.")
+flags.DEFINE_multi_string("text", [], "The instruction of the --image at the same position.")
+flags.DEFINE_string("records", "", "Take frames and instructions from this record set instead.")
+flags.DEFINE_integer("num", 16, "Records to draw (spread evenly over --records).")
+flags.DEFINE_integer("display", 256, "Side of each drawn tile, in pixels.")
+flags.DEFINE_string("out", None, "Where the PNGs go (default: WORKDIR/saliency).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from caip_jax.data import inspect, records
+    from caip_jax.evaluate import features, saliency
+
+    if FLAGS.records:
+        samples = [records.decode(r) for r in inspect.spread_records(FLAGS.records, FLAGS.num)]
+        frames, texts = [s["image"] for s in samples], [s["text"] for s in samples]
+    elif FLAGS.image and len(FLAGS.image) == len(FLAGS.text):
+        frames, texts = list(FLAGS.image), list(FLAGS.text)
+    else:
+        raise app.UsageError("give --records, or one --text for each --image")
+    encoder = features.from_checkpoint(FLAGS.workdir, FLAGS.step)
+    images = saliency.load_frames(frames, encoder.config.model.image_size)
+    weights = features.saliency(encoder, images, texts)
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "saliency")
+    tiles = [saliency.overlay_patches(image, w, FLAGS.display) for image, w in zip(images, weights)]
+    for i, tile in enumerate(tiles):
+        saliency.save_png(tile, os.path.join(out, f"{i:03d}.png"))
+    saliency.save_png(saliency.contact_sheet(tiles, texts), os.path.join(out, "sheet.png"))
+    print(f"{len(tiles)} saliency maps in {out}/ (sheet.png: all of them)")
+
+
+def run():
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
