@@ -9,12 +9,12 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+import tiny_run_config
 import torch
 import transformers
 from flax import traverse_util
 from PIL import Image
 
-import tiny_run_config
 from caip_jax import train
 from caip_jax.checkpoint import Checkpoints
 from caip_jax.data import pipeline
@@ -151,7 +151,7 @@ def test_export_then_import_gives_back_identical_parameters(trained, tmp_path):
 
 
 def test_bfloat16_export_stays_close(trained, record_set, tmp_path):
-    config, workdir, out = trained
+    config, workdir, _ = trained
     hf_dir.export(workdir, str(tmp_path / "bf16"), dtype="bfloat16")
     model = transformers.AutoModel.from_pretrained(str(tmp_path / "bf16"), trust_remote_code=True).eval()
     assert model.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16

@@ -6,8 +6,9 @@ evaluating it against its random init, and exporting it for PyTorch.
 import os
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from tools import quiet_unless_asked
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 config_flags.DEFINE_config_file("config", DEMO_CONFIG, "The demo config.", lock_config=True)
@@ -18,9 +19,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    if not FLAGS["verbosity"].present:
-        # Warnings and errors only unless asked: orbax logs every checkpoint write at INFO.
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    quiet_unless_asked()
     from caip_jax import demo
 
     result = demo.run(FLAGS.config, FLAGS.workdir, FLAGS.num_episodes)

@@ -5,6 +5,8 @@
 """
 from absl import app, flags
 
+from tools import quiet_unless_asked
+
 flags.DEFINE_string("workdir", None, "The run directory holding checkpoints/.")
 flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
 flags.DEFINE_string("out", None, "The Hugging Face directory to write.")
@@ -15,6 +17,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    quiet_unless_asked()
     from caip_jax.export import hf_dir
 
     written = hf_dir.export(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.dtype, FLAGS.tokenizer)

@@ -7,6 +7,8 @@
 from absl import app, flags
 from ml_collections import config_flags
 
+from tools import quiet_unless_asked
+
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
 flags.DEFINE_string("hf", None, "A Hugging Face SigLIP 2 directory (config.json + safetensors).")
 flags.DEFINE_string("npz", None, "A big_vision SigLIP 2 .npz checkpoint.")
@@ -16,6 +18,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    quiet_unless_asked()
     if bool(FLAGS.hf) == bool(FLAGS.npz):
         raise app.UsageError("give exactly one of --hf and --npz")
     from caip_jax import train

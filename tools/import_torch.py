@@ -6,6 +6,8 @@ of a CAIP run; `caip-train` with the same --workdir continues from it.
 from absl import app, flags
 from ml_collections import config_flags
 
+from tools import quiet_unless_asked
+
 flags.DEFINE_string("hf", None, "The Hugging Face directory caip-export-torch wrote.")
 flags.DEFINE_string("workdir", None, "The run directory to start.")
 config_flags.DEFINE_config_file("config", None, "The run config (default: the directory's caip_config.json); "
@@ -15,6 +17,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    quiet_unless_asked()
     from caip_jax.export import hf_dir
 
     step = hf_dir.import_torch(FLAGS.hf, FLAGS.workdir, FLAGS.config)

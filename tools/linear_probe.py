@@ -8,6 +8,8 @@ import os
 
 from absl import app, flags
 
+from tools import quiet_unless_asked
+
 flags.DEFINE_string("workdir", None, "The run directory holding checkpoints/.")
 flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
 flags.DEFINE_string("train", None, "Records to fit the probes on.")
@@ -22,6 +24,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    quiet_unless_asked()
     from caip_jax.evaluate import features, linear_probe
 
     trained = features.from_checkpoint(FLAGS.workdir, FLAGS.step)

@@ -9,6 +9,8 @@ import os
 
 from absl import app, flags
 
+from tools import quiet_unless_asked
+
 flags.DEFINE_string("workdir", None, "The run directory holding checkpoints/.")
 flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
 flags.DEFINE_multi_string("image", [], "An image file; give one --text per --image.")
@@ -22,6 +24,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    quiet_unless_asked()
     from caip_jax.data import inspect, records
     from caip_jax.evaluate import features, saliency
 

@@ -7,8 +7,9 @@
       --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0   # explicit
 """
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from tools import quiet_unless_asked
 
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config go here.")
@@ -31,9 +32,7 @@ def initialize_distributed():
 
 def main(argv):
     del argv
-    if not FLAGS["verbosity"].present:
-        # Warnings and errors only unless asked: orbax logs every checkpoint write at INFO.
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    quiet_unless_asked()
     initialize_distributed()
     from caip_jax import train
 

@@ -23,9 +23,9 @@ def probe_features(train: dict, test: dict) -> dict:
     "accuracy": {label: acc}}}. train, test: `features.extract` outputs."""
     steps = train["action"].shape[1]
     horizons = [h for h in PLOT_HORIZONS if h <= steps]
-    flat = lambda f: (f["action"].reshape(len(f["action"]), -1),
-                      np.broadcast_to(f["action_mask"][..., None, None], f["action"].shape).reshape(len(f["action"]), -1))
-    (y_train, w_train), (y_test, w_test) = flat(train), flat(test)
+    n = len(train["action"])
+    y_train = train["action"].reshape(n, -1)
+    w_train = np.broadcast_to(train["action_mask"][..., None, None], train["action"].shape).reshape(n, -1)
     results = {}
     for kind in features.KINDS:
         ridge = probes.fit_ridge(train[kind], y_train, weights=w_train)
