@@ -196,3 +196,23 @@ def test_streamed_safetensors_read_back(tmp_path):
     from safetensors.torch import load_file
     np.testing.assert_array_equal(load_file(path)["a.weight"].float().numpy(),
                                   torch.from_numpy(arrays["a.weight"]).bfloat16().float().numpy())
+
+
+def test_the_directory_holds_the_hf_files(trained):
+    config, _, out = trained
+    for name in ("config.json", "configuration_caip.py", "modeling_caip.py", "processing_caip.py",
+                 "processor_config.json", "preprocessor_config.json", "tokenizer.model", "model.safetensors",
+                 "caip_config.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["auto_map"] == {"AutoConfig": "configuration_caip.CAIPConfig", "AutoModel": "modeling_caip.CAIPModel"}
+    # preprocessor_config.json describes what the processor does, in image-processor terms.
+    with open(os.path.join(out, "preprocessor_config.json")) as f:
+        image_config = json.load(f)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8))
+    size = image_config["size"]
+    x = np.asarray(image.resize((size["width"], size["height"]), image_config["resample"]), np.float32)
+    x = (x * np.float32(image_config["rescale_factor"]) - np.float32(image_config["image_mean"])) / np.float32(image_config["image_std"])
+    processor = transformers.AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    np.testing.assert_allclose(processor(images=image)["pixel_values"][0], x.transpose(2, 0, 1), atol=1e-6)
+    assert size["height"] == config.model.image_size

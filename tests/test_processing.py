@@ -84,7 +84,9 @@ def scaled(uint8_hwc: np.ndarray) -> np.ndarray:
 
 
 def test_autoprocessor_loads_the_exported_module(exported, loaded, modules_cache, spm):
-    assert sorted(os.listdir(exported)) == ["processing_caip.py", "processor_config.json", "tokenizer.model"]
+    assert sorted(os.listdir(exported)) == [
+        "preprocessor_config.json", "processing_caip.py", "processor_config.json", "tokenizer.model"
+    ]
     cls = type(loaded)
     assert cls.__name__ == "CAIPProcessor" and cls is not CAIPProcessor
     assert cls.__module__.startswith("transformers_modules.")

@@ -34,6 +34,7 @@ from transformers import BatchFeature
 from transformers.utils import cached_file
 
 PROCESSOR_CONFIG = "processor_config.json"  # the file AutoProcessor reads first
+IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
 TOKENIZER_MODEL = "tokenizer.model"
 MODULE = os.path.splitext(os.path.basename(__file__))[0]
 
@@ -157,11 +158,13 @@ class CAIPProcessor:
         return ids
 
     def save_pretrained(self, save_directory: str) -> list[str]:
-        """Writes processor_config.json, tokenizer.model and this file into `save_directory`;
+        """Writes processor_config.json, preprocessor_config.json, tokenizer.model and this file
+        into `save_directory`;
         returns their paths."""
         os.makedirs(save_directory, exist_ok=True)
-        config, model, module = (
-            os.path.join(save_directory, name) for name in (PROCESSOR_CONFIG, TOKENIZER_MODEL, MODULE + ".py")
+        config, image_config, model, module = (
+            os.path.join(save_directory, name)
+            for name in (PROCESSOR_CONFIG, IMAGE_PROCESSOR_CONFIG, TOKENIZER_MODEL, MODULE + ".py")
         )
         with open(config, "w") as f:
             json.dump(
@@ -175,11 +178,31 @@ class CAIPProcessor:
                 indent=2,
             )
             f.write("\n")
+        # The image half in Hugging Face image-processor terms, for readers that look for it:
+        # (x / 255 - 0.5) / 0.5 is x / 255 * 2 - 1. Loading reads processor_config.json only.
+        with open(image_config, "w") as f:
+            json.dump(
+                {
+                    "processor_class": type(self).__name__,
+                    "auto_map": {"AutoProcessor": f"{MODULE}.{type(self).__name__}"},
+                    "do_resize": True,
+                    "size": {"height": self.image_size, "width": self.image_size},
+                    "resample": int(Image.Resampling.BILINEAR),
+                    "do_rescale": True,
+                    "rescale_factor": 1 / 255,
+                    "do_normalize": True,
+                    "image_mean": [0.5, 0.5, 0.5],
+                    "image_std": [0.5, 0.5, 0.5],
+                },
+                f,
+                indent=2,
+            )
+            f.write("\n")
         with open(model, "wb") as f:
             f.write(self._model_proto)
         if not (os.path.exists(module) and os.path.samefile(__file__, module)):
             shutil.copyfile(__file__, module)
-        return [config, model, module]
+        return [config, image_config, model, module]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> "CAIPProcessor":
