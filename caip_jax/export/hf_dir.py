@@ -96,8 +96,9 @@ def _chunks(names_: list[str], nbytes: dict[str, int], budget: int):
 
 def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32", tokenizer: str = "") -> dict:
     """Writes the Hugging Face directory `out` from checkpoint `step` (default: the latest) of
-    `workdir`. Reads the parameters a few at a time (never the optimizer state), so memory
-    stays near the largest tensor, on any host, whatever mesh trained them. `tokenizer`
+    `workdir`. Reads the parameters a few at a time (never the optimizer state), on any host,
+    whatever mesh trained them: memory peaks while the largest tensor is read, compressed and
+    decoded (about 0.85x the model for L/16 in float32; benchmarks/RESULTS.md). `tokenizer`
     overrides the run's data.tokenizer. Returns what was written: step, tensors, bytes, seconds."""
     start = time.perf_counter()
     if dtype not in safetensors_stream.DTYPES:
