@@ -137,6 +137,30 @@ def test_the_tfds_form_opens_with_tfds_and_feeds_the_same_samples(record_set, tm
             np.testing.assert_array_equal(sample[key], expected[key])
 
 
+def test_metadata_carries_each_episodes_labels(record_set, tmp_path):
+    """The demo world's labels are its episode spec's (target, hand, verb); npz episodes have
+    none. The TFDS form gives the same."""
+    from caip_jax.data import convert, tfds_builder
+    from caip_jax.data.sources import demo_world
+
+    preprocess = make_preprocess(record_set, with_metadata=True)
+    assert all(s["labels"] == {} for s in pipeline.eval_samples(record_set[0], preprocess))
+
+    directory = str(tmp_path / "demo")
+    source_options = dict(num_episodes=3, image_size=32, num_frames=24)
+    convert.convert("demo_world", "", directory, OPTIONS, source_options, shards=1)
+    samples = list(pipeline.eval_samples(directory, preprocess))
+    for sample in samples:
+        labels = demo_world.episode_spec(*demo_world.parse_key(sample["episode_id"])).labels
+        assert sample["labels"] == labels and set(labels) == {"target", "hand", "verb"}
+    assert len({tuple(sorted(s["labels"].items())) for s in samples}) > 1
+
+    tfds_builder.build(directory, str(tmp_path / "tfds"))
+    version_dir = str(tmp_path / "tfds" / tfds_builder.NAME / "1.0.0")
+    theirs = {(s["episode_id"], s["frame_index"]): s["labels"] for s in pipeline.eval_samples(version_dir, preprocess)}
+    assert theirs == {(s["episode_id"], s["frame_index"]): s["labels"] for s in samples}
+
+
 def test_data_train_names_one_set_or_a_weighted_mixture():
     assert pipeline.parse_sources("gs://bucket/records") == [pipeline.Source("train", "gs://bucket/records")]
     assert pipeline.parse_sources("lab:0.3:/data/lab, wild:0.7:gs://b/wild") == [

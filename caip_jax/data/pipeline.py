@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import io
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -56,7 +57,8 @@ class Preprocess:
 
     The host decodes, crops and tokenises; action chunks and colours are computed on the
     accelerator (device_prep.py), where they cost almost nothing, instead of halving the
-    samples a host CPU delivers. `with_metadata` adds episode_id, frame_index and source.
+    samples a host CPU delivers. `with_metadata` adds episode_id, frame_index, source and
+    labels (str -> str; each source has its own keys, so batch one source's samples only).
     """
 
     def __init__(
@@ -94,7 +96,7 @@ class Preprocess:
             valid=np.asarray(sample["valid"][: t + 1], bool),
         )
         if self.with_metadata:
-            out.update(episode_id=sample["episode_id"], frame_index=sample["frame_index"], source=sample["source"])
+            out.update({key: sample[key] for key in ("episode_id", "frame_index", "source", "labels")})
         return out
 
     def tokenize(self, text: str) -> np.ndarray:
@@ -111,23 +113,32 @@ class Preprocess:
         """JPEG bytes or a decoded [H, W, 3] uint8 frame -> [S, S, 3] uint8: the whole frame
         resized, or with an rng a random crop of it (area fraction and aspect ratio)."""
         image = Image.open(io.BytesIO(jpeg)) if isinstance(jpeg, bytes) else Image.fromarray(jpeg)
+        if image.mode != "RGB":  # convert() copies even when the mode is right
+            image = image.convert("RGB")
         size, box = (self.image_size, self.image_size), None
         if rng is not None:
             a = self.augment
-            area = rng.uniform(*a.crop_area)
-            ratio = np.exp(rng.uniform(*np.log(a.crop_ratio)))
-            w = min(1.0, np.sqrt(area * ratio)) * image.width
-            h = min(1.0, np.sqrt(area / ratio)) * image.height
-            x0, y0 = rng.uniform(0, image.width - w), rng.uniform(0, image.height - h)
+            u_area, u_ratio, u_x, u_y = rng.random(4).tolist()  # one call: each costs ~1 us
+            area = _between(a.crop_area, u_area)
+            ratio = math.exp(_between([math.log(r) for r in a.crop_ratio], u_ratio))
+            w = min(1.0, math.sqrt(area * ratio)) * image.width
+            h = min(1.0, math.sqrt(area / ratio)) * image.height
+            x0, y0 = u_x * (image.width - w), u_y * (image.height - h)
             box = (x0, y0, x0 + w, y0 + h)
-        return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR, box=box))
+        return np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=box))
 
     def jitter(self, rng: np.random.Generator | None) -> np.ndarray:
         """[3] float32 brightness, contrast and saturation factors (ones without an rng)."""
         if rng is None:
             return np.ones(3, np.float32)
-        amount = np.array([self.augment.brightness, self.augment.contrast, self.augment.saturation])
-        return rng.uniform(1 - amount, 1 + amount).astype(np.float32)
+        a = self.augment
+        amount = np.array([a.brightness, a.contrast, a.saturation])
+        return (1 + amount * (2 * rng.random(3) - 1)).astype(np.float32)
+
+
+def _between(bounds: Sequence[float], u: float) -> float:
+    """A uniform draw `u` in [0, 1) -> the same quantile of [bounds[0], bounds[1])."""
+    return bounds[0] + u * (bounds[1] - bounds[0])
 
 
 class SkipCorrupt(grain.MapDataset):

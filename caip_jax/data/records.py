@@ -24,7 +24,9 @@ import numpy as np
 from array_record.python import array_record_module
 from etils import epath
 
-WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access for grain
+# One record per chunk: cheap random access for grain. Uncompressed: zstd (the default) saves
+# only ~10% (JPEG bytes do not compress) and costs ~30 us a read, ~4% of a sample's host time.
+WRITER_OPTIONS = "group_size:1,uncompressed"
 SHARD_PATTERN = "records-{index:05d}-of-{count:05d}.array_record"
 
 
