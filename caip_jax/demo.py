@@ -59,15 +59,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, num_episodes: int = 160
     report = linear_probe.evaluate([trained, baseline], train_records, test_records, batch_size=config.batch_size)
     linear_probe.write(report, os.path.join(run_dir, "probe"), "CAIP on the demo world")
     samples = [records.decode(r) for r in inspect.spread_records(test_records, 8)]
-    draw_saliency(trained, samples, os.path.join(run_dir, "saliency", "sheet.png"))
+    texts = [s["text"] for s in samples]
+    tiles = features.saliency_tiles(trained, [s["image"] for s in samples], texts)
+    saliency.save_png(saliency.contact_sheet(tiles, texts), os.path.join(run_dir, "saliency", "sheet.png"))
     exported = hf_dir.export(run_dir, os.path.join(workdir, "hf"))
     return dict(metrics=logged, report=report, export=exported)
-
-
-def draw_saliency(encoder: features.Encoder, samples: list[dict], path: str) -> None:
-    """A contact sheet of saliency maps on record `samples`, captioned with their instructions."""
-    size = encoder.config.model.image_size
-    images = saliency.load_frames([s["image"] for s in samples], size)
-    weights = features.saliency(encoder, images, [s["text"] for s in samples])
-    tiles = [saliency.overlay_patches(image, w) for image, w in zip(images, weights)]
-    saliency.save_png(saliency.contact_sheet(tiles, [s["text"] for s in samples]), path)

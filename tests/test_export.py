@@ -110,8 +110,8 @@ def torch_outputs(model, batch):
 
 def test_torch_gives_the_jax_outputs(trained, record_set):
     config, workdir, out = trained
-    batch = inputs(config, record_set)
-    expected = jax_outputs(config, checkpoint_params(workdir), batch)
+    batch, params = inputs(config, record_set), checkpoint_params(workdir)
+    expected = jax_outputs(config, params, batch)
     model = transformers.AutoModel.from_pretrained(out, trust_remote_code=True).eval()
     got = torch_outputs(model, batch)
     for name in OUTPUTS + ("stage1_attention", "stage2_attention"):
@@ -119,7 +119,6 @@ def test_torch_gives_the_jax_outputs(trained, record_set):
     # The padded text positions really are masked in stage 2, so the check above covers masking.
     assert (expected["stage2_attention"][batch["text"][:, None, :].repeat(2, 1) == 0] == 0).all()
     # Sigmoid logits as SiglipModel's: exp(t) * cosine(image+text, action) + b, from JAX's values.
-    params = checkpoint_params(workdir)
     z = [x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (expected["image_pooled"], expected["action_embedding"])]
     logits = z[0] @ z[1].T * np.exp(params["t"]) + params["b"]
     np.testing.assert_allclose(got["logits_per_image"], logits, atol=1e-4)

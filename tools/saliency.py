@@ -36,10 +36,8 @@ def main(argv):
     else:
         raise app.UsageError("give --records, or one --text for each --image")
     encoder = features.from_checkpoint(FLAGS.workdir, FLAGS.step)
-    images = saliency.load_frames(frames, encoder.config.model.image_size)
-    weights = features.saliency(encoder, images, texts)
+    tiles = features.saliency_tiles(encoder, frames, texts, FLAGS.display)
     out = FLAGS.out or os.path.join(FLAGS.workdir, "saliency")
-    tiles = [saliency.overlay_patches(image, w, FLAGS.display) for image, w in zip(images, weights)]
     for i, tile in enumerate(tiles):
         saliency.save_png(tile, os.path.join(out, f"{i:03d}.png"))
     saliency.save_png(saliency.contact_sheet(tiles, texts), os.path.join(out, "sheet.png"))

@@ -171,3 +171,11 @@ def saliency(encoder: Encoder, images: np.ndarray, texts: list[str]) -> np.ndarr
 
     with jax.set_mesh(encoder.run.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         return np.asarray(jax.jit(attention)(encoder.params, images, text))
+
+
+def saliency_tiles(encoder: Encoder, frames: list, texts: list[str], display: int = 256) -> list[np.ndarray]:
+    """Frames (image files, JPEG bytes or PIL images) and their instructions -> one uint8
+    [display, display, 3] tile each: the frame as the model sees it, its saliency overlaid."""
+    images = saliency_maps.load_frames(frames, encoder.config.model.image_size)
+    weights = saliency(encoder, images, texts)
+    return [saliency_maps.overlay_patches(image, w, display) for image, w in zip(images, weights)]

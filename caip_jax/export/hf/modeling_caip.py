@@ -93,6 +93,11 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(width, mlp_dim, heads, eps) for _ in range(depth))
 
+    @classmethod
+    def of_towers(cls, c: CAIPConfig) -> "Encoder":
+        """The encoder of the image or the text tower, which share one size (as SigLIP 2's)."""
+        return cls(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.layer_norm_eps)
+
     def forward(self, x):
         for layer in self.layers:
             x = layer(x)
@@ -137,7 +142,7 @@ class VisionTower(nn.Module):
         super().__init__()
         c = config
         self.embeddings = VisionEmbeddings(c)
-        self.encoder = Encoder(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.layer_norm_eps)
+        self.encoder = Encoder.of_towers(c)
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.head = AttentionPool(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.layer_norm_eps, probe=True)
 
@@ -164,7 +169,7 @@ class TextTower(nn.Module):
         super().__init__()
         c = config
         self.embeddings = TextEmbeddings(c)
-        self.encoder = Encoder(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.layer_norm_eps)
+        self.encoder = Encoder.of_towers(c)
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.head = nn.Linear(c.hidden_size, c.hidden_size)
 
