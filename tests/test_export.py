@@ -1,5 +1,6 @@
 """The PyTorch export: a Hugging Face directory that AutoModel/AutoProcessor load as the paper's
 "Get started" shows, giving what the JAX model gives; and the way back."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +20,8 @@ from caip_jax import train
 from caip_jax.checkpoint import Checkpoints
 from caip_jax.data import pipeline
 from caip_jax.export import hf_dir, safetensors_stream
+from caip_jax.export.hf.configuration_caip import CAIPConfig
+from caip_jax.export.hf.modeling_caip import CAIPModel
 from caip_jax.models import model_from_config
 
 # The paper's "Get started", as published; only REPO is set to the exported directory.
@@ -215,3 +218,17 @@ def test_the_directory_holds_the_hf_files(trained):
     processor = transformers.AutoProcessor.from_pretrained(out, trust_remote_code=True)
     np.testing.assert_allclose(processor(images=image)["pixel_values"][0], x.transpose(2, 0, 1), atol=1e-6)
     assert size["height"] == config.model.image_size
+
+
+def test_the_l16_export_gives_the_papers_shapes():
+    """The paper's L/16 shapes, from the config the exporter writes for configs/caip_vitl16_256.py
+    (built on the meta device: shapes without the 3.7 GB of weights)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "caip_vitl16_256.py")
+    spec = importlib.util.spec_from_file_location("caip_vitl16_256", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with torch.device("meta"):
+        model = CAIPModel(CAIPConfig(**hf_dir.hf_config(module.get_config().model)))
+        out = model(pixel_values=torch.zeros(1, 3, 256, 256), input_ids=torch.zeros(1, 64, dtype=torch.long))
+    shapes = {k: list(out[k].shape) for k in ("image_pooled", "patch_features", "text_tokens", "text_pooled")}
+    assert shapes == dict(image_pooled=[1, 1024], patch_features=[1, 256, 1024], text_tokens=[1, 64, 1024], text_pooled=[1, 1024])
