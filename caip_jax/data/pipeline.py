@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from caip_jax.data import records, tfds_builder
+from caip_jax.data import batch_ring, records, tfds_builder
 from caip_jax.data.tokenizer import Tokenizer
 
 
@@ -274,12 +274,16 @@ def eval_samples(directory: str, preprocess: Preprocess) -> grain.MapDataset:
 
 def iterate(dataset: grain.MapDataset, workers: int = 0, threads: int = 4):
     """A checkpointable iterator over `dataset`, decoding in `workers` processes (0: in this
-    process), each with `threads` threads. The order depends on neither."""
+    process), each with `threads` threads. The order depends on neither. Workers hand batches
+    over through reused shared memory (batch_ring.py)."""
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
     if workers > 0:
         if not flags.FLAGS.is_parsed():
             # grain's workers read absl flags; outside absl.app.run (tests, notebooks) nothing
             # has parsed them, and the defaults are what we want.
             flags.FLAGS.mark_as_parsed()
-        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        rings = batch_ring.make_directory()
+        iter_dataset = (iter_dataset.map(batch_ring.RingWriter(rings))
+                        .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+                        .map(batch_ring.RingReader(rings)))
     return iter(iter_dataset)
