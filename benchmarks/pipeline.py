@@ -5,9 +5,10 @@
 Figures (samples/s): raw JPEG decode + resize to 256x256 in one process; the full host half
 of the training pipeline (record read, decode, random resized crop, tokenisation, jitter
 factors, pose offsets, batching; colour jitter and action chunks run on the device) in this
-process with one and with two loader threads, and with 1 and 2 worker processes of one thread.
-Goal: the pipeline at >= 80% of raw decode per worker, and near-linear scaling from 1 to 2
-workers.
+process with one and with two loader threads, and with 1 and 2 worker processes of one thread,
+handing batches over through our shared-memory ring (caip_jax/data/batch_ring.py) and, for
+comparison, through grain's own fresh shared memory per batch. Goal: the pipeline at >= 80% of
+raw decode per worker, and near-linear scaling from 1 to 2 workers.
 
 The figures are measured in `rounds` interleaved windows (raw, in process, ..., 2 workers,
 raw, ...), so that other load on the machine hits all of them alike; ratios are taken within a
@@ -24,12 +25,13 @@ import tempfile
 import time
 from multiprocessing import shared_memory
 
+import grain
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
 import results_io
-from caip_jax.data import convert, pipeline, records, tokenizer
+from caip_jax.data import batch_ring, convert, pipeline, records, tokenizer
 from caip_jax.data.sources import demo_world
 
 flags.DEFINE_string("records", None, "A record set to read (default: make demo-world records).")
@@ -38,11 +40,13 @@ flags.DEFINE_integer("rounds", 4, "Interleaved rounds of the figures.")
 flags.DEFINE_integer("batch", 32, "Batch size of the pipeline.")
 FLAGS = flags.FLAGS
 SIZE = 256
-PIPELINES = {  # name: (worker processes, threads per process)
-    "pipeline_in_process": (0, 1),
-    "pipeline_in_process_2_threads": (0, 2),
-    "pipeline_1_worker": (1, 1),
-    "pipeline_2_workers": (2, 1),
+PIPELINES = {  # name: (worker processes, threads per process, through our ring)
+    "pipeline_in_process": (0, 1, True),
+    "pipeline_in_process_2_threads": (0, 2, True),
+    "pipeline_1_worker": (1, 1, True),
+    "pipeline_2_workers": (2, 1, True),
+    "grain_shared_memory_1_worker": (1, 1, False),
+    "grain_shared_memory_2_workers": (2, 1, False),
 }
 
 
@@ -109,9 +113,19 @@ def decode_and_resize(jpeg: bytes) -> Image.Image:
     return image.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
 
 
+def loader(batches, workers: int, threads: int, ring: bool):
+    """pipeline.iterate, or (ring=False) the same with grain's own hand-over: each batch copied
+    into new shared memory by the worker and mapped by the main process."""
+    if ring:
+        return pipeline.iterate(batches, workers, threads)
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)
+    return iter(batches.to_iter_dataset(read).mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+
+
 def stage_costs(directory: str, preprocess: pipeline.Preprocess, jpegs: list[bytes], batch: int) -> dict:
     """CPU microseconds per sample of each stage, in this process, on 1024 samples; and of
-    moving a batch into fresh shared memory, as a loader worker does for the main process."""
+    handing a batch from a loader worker to the main process: through the ring (both sides),
+    or into fresh shared memory as grain does (the worker's side only)."""
     count, seed = 1024, (0, 0)
     shuffled = pipeline.record_dataset(directory).shuffle(seed=0).repeat()
     stream = [shuffled[i] for i in range(count)]
@@ -125,6 +139,9 @@ def stage_costs(directory: str, preprocess: pipeline.Preprocess, jpegs: list[byt
         block.close()
         block.unlink()
 
+    rings = batch_ring.make_directory()
+    writer, reader, sample_batch = batch_ring.RingWriter(rings), batch_ring.RingReader(rings), batches[0]
+
     return dict(
         raw_decode_resize=cpu_us(lambda i: decode_and_resize(jpegs[i % len(jpegs)]), count),
         record_read=cpu_us(lambda i: shuffled[i], count),
@@ -133,6 +150,7 @@ def stage_costs(directory: str, preprocess: pipeline.Preprocess, jpegs: list[byt
         preprocess=cpu_us(lambda i: preprocess(stream[i], np.random.default_rng((*seed, i))), count),
         full_batch=cpu_us(lambda k: batches[k], count // batch) / batch,
         worker_to_shared_memory=cpu_us(to_fresh_shared_memory, count // batch) / batch,
+        ring_hand_over=cpu_us(lambda _: reader(writer(sample_batch)), count // batch) / batch,
     )
 
 
@@ -151,7 +169,7 @@ def main(argv):
 
     position = iter(range(10**12))
     batches = pipeline.train_batches([(directory, preprocess, 1.0)], FLAGS.batch, seed=0)
-    iterators = {name: pipeline.iterate(batches, *setting) for name, setting in PIPELINES.items()}
+    iterators = {name: loader(batches, *setting) for name, setting in PIPELINES.items()}
     rounds = []
     for _ in range(FLAGS.rounds):
         figures = dict(raw_decode=window(lambda: decode_and_resize(jpegs[next(position) % len(jpegs)]), 1, FLAGS.seconds))
@@ -170,6 +188,10 @@ def main(argv):
         pipeline_in_process_vs_raw=median(lambda r: r["pipeline_in_process"]["rate"] / r["raw_decode"]["rate"]),
         pipeline_1_worker_vs_raw=median(lambda r: r["pipeline_1_worker"]["rate"] / r["raw_decode"]["rate"]),
         scaling_2_vs_1_workers=median(lambda r: r["pipeline_2_workers"]["rate"] / r["pipeline_1_worker"]["rate"]),
+        grain_shared_memory_1_worker_vs_raw=median(
+            lambda r: r["grain_shared_memory_1_worker"]["rate"] / r["raw_decode"]["rate"]),
+        grain_shared_memory_scaling_2_vs_1_workers=median(
+            lambda r: r["grain_shared_memory_2_workers"]["rate"] / r["grain_shared_memory_1_worker"]["rate"]),
         scaling_2_vs_1_threads=median(lambda r: r["pipeline_in_process_2_threads"]["rate"] / r["pipeline_in_process"]["rate"]),
     )
     # CPU per sample, all processes together, and the cores each setting kept busy.
