@@ -109,6 +109,17 @@ def test_a_corrupt_record_is_skipped_and_named(record_set, tmp_path, caplog):
     assert replaced["frame_index"] == records.decode(samples[2])["frame_index"]
 
 
+def test_a_set_of_corrupt_records_stops_with_a_clear_error(record_set, tmp_path):
+    directory, _ = record_set
+    samples = [records.decode(r) for path in records.shard_paths(directory) for r in records.read_shard(path)]
+    writer = records.ShardWriter(str(tmp_path), 1)
+    writer.write_episode(0, [records.encode(dict(s, image=s["image"][:40])) for s in samples])
+    writer.close()
+    with pytest.raises(RuntimeError, match="16 records in a row from stream index 3 failed") as error:
+        pipeline.eval_samples(str(tmp_path), make_preprocess(record_set))[3]
+    assert error.value.__cause__ is not None  # the last record's own error, for the traceback
+
+
 def test_records_too_short_for_the_horizon_are_a_config_error(record_set):
     directory, spm = record_set
     preprocess = pipeline.Preprocess(spm, IMAGE_SIZE, TEXT_LEN, horizon=OPTIONS.horizon + 1)

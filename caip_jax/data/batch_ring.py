@@ -34,7 +34,7 @@ import weakref
 
 import numpy as np
 
-SLOTS = 8
+SLOTS = 8  # twice the most batches one worker had in flight with grain 0.2.18 (4, measured)
 _HEADER = 4096  # the acknowledged stamp (int64), then the slots, each page-aligned
 _ALIGN = 64
 _WAIT_WARNING_SECONDS = 60.0

@@ -166,10 +166,11 @@ class SkipCorrupt(grain.MapDataset):
             except Exception as error:
                 logging.error("skipping corrupt record at stream index %d (%s): %s: %s",
                               index + offset, _identity(record), type(error).__name__, error)
+                last_error = error  # `error` itself is unbound after the except clause
         raise RuntimeError(
             f"{self._attempts} records in a row from stream index {index} failed (see the log): "
             "a broken record set or a bug, not a stray corrupt record"
-        ) from error
+        ) from last_error
 
 
 def _identity(record: bytes | dict) -> str:
