@@ -6,7 +6,6 @@ import os
 import threading
 
 import numpy as np
-import pytest
 
 from caip_jax.data import batch_ring, pipeline
 from test_pipeline import make_preprocess
@@ -33,15 +32,16 @@ def assert_batches_equal(got: dict, expected: dict) -> None:
             assert got[key] == value, key
 
 
-@pytest.fixture
-def ring(tmp_path):
+def new_ring(tmp_path):
+    """A writer and a reader of rings in a fresh directory (a worker and the trainer, here in
+    one process), and the directory."""
     directory = str(tmp_path / "rings")
     os.makedirs(directory)
     return batch_ring.RingWriter(directory), batch_ring.RingReader(directory), directory
 
 
-def test_batches_come_back_intact_and_owned_by_the_reader(ring):
-    writer, reader, _ = ring
+def test_batches_come_back_intact_and_owned_by_the_reader(tmp_path):
+    writer, reader, _ = new_ring(tmp_path)
     rng = np.random.default_rng(0)
     sent = [random_batch(rng) for _ in range(3 * batch_ring.SLOTS)]
     # All kept until the end: each slot has been written three times since its first batch.
@@ -50,8 +50,8 @@ def test_batches_come_back_intact_and_owned_by_the_reader(ring):
         assert_batches_equal(got, expected)
 
 
-def test_a_batch_larger_than_the_slots_goes_through_unchanged(ring):
-    writer, reader, _ = ring
+def test_a_batch_larger_than_the_slots_goes_through_unchanged(tmp_path):
+    writer, reader, _ = new_ring(tmp_path)
     rng = np.random.default_rng(1)
     small, large = random_batch(rng, rows=2), random_batch(rng, rows=400)  # slots are whole pages
     assert isinstance(writer(small), batch_ring.RingBatch)
@@ -60,8 +60,8 @@ def test_a_batch_larger_than_the_slots_goes_through_unchanged(ring):
     assert_batches_equal(reader(message), large)
 
 
-def test_a_slot_is_not_overwritten_before_it_is_taken(ring):
-    writer, reader, _ = ring
+def test_a_slot_is_not_overwritten_before_it_is_taken(tmp_path):
+    writer, reader, _ = new_ring(tmp_path)
     rng = np.random.default_rng(2)
     sent = [random_batch(rng) for _ in range(batch_ring.SLOTS + 1)]
     messages = [writer(batch) for batch in sent[:-1]]  # every slot full, none taken
@@ -78,9 +78,7 @@ def test_a_slot_is_not_overwritten_before_it_is_taken(ring):
 
 
 def test_the_reader_removes_the_rings_when_collected(tmp_path):
-    directory = str(tmp_path / "rings")
-    os.makedirs(directory)
-    writer, reader = batch_ring.RingWriter(directory), batch_ring.RingReader(directory)
+    writer, reader, directory = new_ring(tmp_path)
     reader(writer(random_batch(np.random.default_rng(3))))
     assert len(os.listdir(directory)) == 1
     del reader

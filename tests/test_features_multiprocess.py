@@ -2,38 +2,22 @@
 gives what one process with 4 devices gives: every feature, the action targets and the
 records' metadata, the last, padded batch included."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-HELPER = os.path.join(os.path.dirname(__file__), "extract_features_main.py")
+from test_train import finish, launch
 
-
-def launch(args, devices):
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
-    )
-    return subprocess.Popen([sys.executable, HELPER, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def finish(process):
-    out, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, out[-3000:]
+HELPER = (os.path.join(os.path.dirname(__file__), "extract_features_main.py"),)
 
 
 @pytest.mark.slow
 def test_two_processes_extract_like_one(record_set, tmp_path):
     records, tokenizer = record_set  # 18 records: batches of 8, the third padded
-    finish(launch([records, tokenizer, tmp_path / "one.npz", 0], devices=4))
+    finish(launch([records, tokenizer, tmp_path / "one.npz", 0], devices=4, program=HELPER))
     port = 20000 + (os.getpid() + 7) % 20000
-    two = [launch([records, tokenizer, tmp_path / f"two_{i}.npz", 1, f"127.0.0.1:{port}", 2, i], devices=2)
-           for i in range(2)]
+    two = [launch([records, tokenizer, tmp_path / f"two_{i}.npz", 1, f"127.0.0.1:{port}", 2, i], devices=2,
+                  program=HELPER) for i in range(2)]
     for process in two:
         finish(process)
 

@@ -96,17 +96,23 @@ def test_parameters_are_sharded_fsdp_style(record_set):
     assert summary.parameter_counts(config.model)["total"] * 4 == total
 
 
-def launch(args, devices):
-    """caip-train in a new process with `devices` virtual CPU devices; tests/ on its path for
-    the config file's imports."""
+def launch(args, devices, program=("-m", "tools.train")):
+    """`program` (default caip-train) in a new process with `devices` virtual CPU devices;
+    tests/ on its path for the config file's imports."""
     env = dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
     )
-    command = [sys.executable, "-m", "tools.train", *args]
+    command = [sys.executable, *program, *map(str, args)]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process) -> None:
+    """Waits for a launched process; its output's tail is the failure message."""
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out[-3000:]
 
 
 def config_flags(config, workdir):
@@ -122,9 +128,7 @@ def test_two_processes_train_like_one(record_set, tmp_path):
     batch: the same losses, and the 2-process checkpoint restores in a 1-process run."""
     config = run_config(record_set)
     one = str(tmp_path / "one")
-    single = launch(config_flags(config, one), devices=4)
-    out, _ = single.communicate(timeout=300)
-    assert single.returncode == 0, out[-3000:]
+    finish(launch(config_flags(config, one), devices=4))
 
     two = str(tmp_path / "two")
     port = 20000 + os.getpid() % 20000
@@ -132,9 +136,8 @@ def test_two_processes_train_like_one(record_set, tmp_path):
         launch(config_flags(config, two) + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"], devices=2)
         for i in range(2)
     ]
-    for p in processes:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out[-3000:]
+    for process in processes:
+        finish(process)
 
     expected, got = metrics(one), metrics(two)
     assert set(got) == set(expected)

@@ -81,11 +81,11 @@ class RingWriter:
 
     def __call__(self, batch: dict):
         arrays = {k: np.ascontiguousarray(v) for k, v in batch.items() if _ring_leaf(v)}
+        needed = sum(_aligned(v.nbytes, _ALIGN) for v in arrays.values())
         if self._ring is None:
-            slot_bytes = _aligned(sum(_aligned(v.nbytes, _ALIGN) for v in arrays.values()), mmap.PAGESIZE)
-            self._ring = _Ring.create(self.directory, slot_bytes)
+            self._ring = _Ring.create(self.directory, _aligned(needed, mmap.PAGESIZE))
         ring = self._ring
-        if sum(_aligned(v.nbytes, _ALIGN) for v in arrays.values()) > ring.slot_bytes:
+        if needed > ring.slot_bytes:
             logging.warning("a batch of %s is larger than the first; it goes through grain's own "
                             "shared memory", {k: v.shape for k, v in arrays.items()})
             return batch
@@ -130,18 +130,20 @@ def _close(files: dict, directory: str) -> None:
 class _Ring:
     """One worker's ring file, mapped."""
 
-    def __init__(self, path: str, fd: int, slot_bytes: int):
-        self.path, self.fd, self.slot_bytes, self.stamps = path, fd, slot_bytes, 0
-        self.buffer = mmap.mmap(fd, _HEADER + SLOTS * slot_bytes)
+    def __init__(self, path: str, buffer: mmap.mmap, slot_bytes: int):
+        self.path, self.buffer, self.slot_bytes, self.stamps = path, buffer, slot_bytes, 0
         self.parent = os.getppid()
 
     @classmethod
     def create(cls, directory: str, slot_bytes: int) -> "_Ring":
         path = os.path.join(directory, f"ring-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.ftruncate(fd, _HEADER + SLOTS * slot_bytes)
-        os.pwrite(fd, struct.pack("<q", -1), 0)
-        return cls(path, fd, slot_bytes)
+        try:
+            os.ftruncate(fd, _HEADER + SLOTS * slot_bytes)
+            os.pwrite(fd, struct.pack("<q", -1), 0)
+            return cls(path, mmap.mmap(fd, 0), slot_bytes)
+        finally:
+            os.close(fd)  # the mapping keeps the file
 
     def taken(self) -> int:
         return struct.unpack_from("<q", self.buffer, 0)[0]
