@@ -58,7 +58,6 @@ import json
 import os
 import re
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -303,12 +302,7 @@ def _frames(location: _Location, n: int, key: str) -> video.VideoFrames:
     """The episode's `n` frames in its video file, checked against the file's frame count."""
     if not os.path.exists(location.video):
         raise EpisodeError(f"{key}: video {location.video} does not exist")
-    try:
-        with av.open(location.video) as container:
-            total = container.streams.video[0].frames  # from the mp4 index; 0 where unknown
-    except av.error.FFmpegError as error:
-        raise EpisodeError(f"{key}: cannot open video {location.video}: {error}") from error
-    total = total or video.count_frames(location.video)
+    total = video.count_frames(location.video)  # its packets, read once per file and process
     count = total - location.first if location.count is None else location.count
     if count != n or location.first + n > total:
         raise EpisodeError(f"{key}: {n} rows but the video range holds {count} frames "
