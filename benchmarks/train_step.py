@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 import results_io
 from caip_jax import config as caip_config
-from caip_jax import loss, optim, sharding, train
+from caip_jax import loss, optim, sharding, train_step
 from caip_jax.metrics import peak_flops_per_device
 from caip_jax.models import dummy_inputs, model_from_config
 
@@ -93,7 +93,7 @@ def step_figures(variant: str, device_flops: float) -> dict:
     run_config.model = config
     stats = jnp.zeros((1, 2, 21, 9)), jnp.ones((1, 2, 21, 9))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        step = jax.jit(train.make_train_step(model, tx, mesh, run_config, *stats), donate_argnums=(0, 1))
+        step = jax.jit(train_step.make_train_step(model, tx, mesh, run_config, *stats), donate_argnums=(0, 1))
         compiled = step.lower(params, opt_state, batch).compile()
     flops = compiled.cost_analysis().get("flops", 0.0)
     state = [params, opt_state]

@@ -43,6 +43,7 @@ def base_config(variant: str = "L/16") -> ml_collections.ConfigDict:
     config.total_steps = 100_000
     config.batch_size = 16_384  # global, over all processes and devices
     config.model = model_config(variant)
+    config.loss = "ring"  # sigmoid loss over a ring of devices, or "dense" (the whole [B, B] matrix)
     config.data = ml_collections.ConfigDict(
         dict(
             # A record set directory (caip-make-records) or its TFDS version directory; or a

@@ -15,7 +15,7 @@ from flax import traverse_util
 
 import tiny
 import tiny_run_config
-from caip_jax import train
+from caip_jax import run_state, train
 from caip_jax.checkpoint import Checkpoints
 from caip_jax.init import siglip2
 from caip_jax.models import summary
@@ -36,7 +36,7 @@ def metrics(workdir):
 def final_params(config, workdir):
     checkpoints = Checkpoints(workdir)
     step = checkpoints.latest_step()
-    params = checkpoints.restore(step, train.abstract_params(train.setup(config)))["params"]
+    params = checkpoints.restore(step, run_state.abstract_params(run_state.setup(config)))["params"]
     checkpoints.close()
     return step, jax.device_get(params)
 
@@ -83,8 +83,8 @@ def test_parameters_are_sharded_fsdp_style(record_set):
     config = run_config(record_set, data=1, fsdp=8)
     config.model.width, config.model.mlp_dim = 64, 128  # every width divisible by 8
     config.model.action.update(width=32, mlp_dim=64, num_heads=4)
-    run = train.setup(config)
-    params = train.initial_params(run, seed=0)
+    run = run_state.setup(config)
+    params = run_state.initial_params(run, seed=0)
     total = sum(x.nbytes for x in jax.tree.leaves(params))
     per_device = [0] * 8
     for leaf in jax.tree.leaves(params):

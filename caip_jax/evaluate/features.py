@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from caip_jax import device_prep, sharding, train
+from caip_jax import device_prep, run_state, sharding
 from caip_jax.checkpoint import Checkpoints
 from caip_jax.data import pipeline
 from caip_jax.data import records as records_module
@@ -38,7 +38,7 @@ class Encoder:
     its training data (mean, std [2, 21, 9]: the mixture's, or the first source's)."""
 
     config: ml_collections.ConfigDict
-    run: train.Setup
+    run: run_state.Setup
     params: Any
     mean: np.ndarray
     std: np.ndarray
@@ -59,10 +59,10 @@ def from_checkpoint(workdir: str, step: int | None = None, mesh: dict | None = N
     if step is None:
         raise FileNotFoundError(f"{workdir} holds no checkpoint: train first or give another --workdir")
     config = _with_mesh(checkpoints.restore_config(step), mesh)
-    run = train.setup(config)
-    params = checkpoints.restore(step, train.abstract_params(run))["params"]
+    run = run_state.setup(config)
+    params = checkpoints.restore(step, run_state.abstract_params(run))["params"]
     checkpoints.close()
-    _, mean, std = train.action_stats(config)
+    _, mean, std = run_state.action_stats(config)
     return Encoder(config, run, params, mean[0], std[0], name=f"step {step}")
 
 
@@ -70,9 +70,9 @@ def initialised(config: ml_collections.ConfigDict, siglip2: str = "", seed: int 
     """The baselines: `config`'s model at random init, or with SigLIP 2's towers from `siglip2`
     (the action tower and pooling stay random), normalised as the trained model."""
     config = _with_mesh(config, mesh)
-    run = train.setup(config)
-    params = train.initial_params(run, seed, siglip2)
-    _, mean, std = train.action_stats(config)
+    run = run_state.setup(config)
+    params = run_state.initial_params(run, seed, siglip2)
+    _, mean, std = run_state.action_stats(config)
     return Encoder(config, run, params, mean[0], std[0], name="siglip2 init" if siglip2 else "random init")
 
 
