@@ -11,6 +11,9 @@ kernel`) in full, or a leading run of its components. So "txt" selects the whole
 "img/MAPHead_0" the image head, ".*/kernel" every kernel, and "t" only `t` (not `txt/...`). A
 pattern that selects no parameter is an error naming the field.
 
+Parameters the training loss never reaches (`UNREACHED`) are frozen as `frozen` parts are:
+weight decay alone would otherwise pull them away from their SigLIP 2 values.
+
 Per trainable leaf the update is the AdamW update with the part's learning rate:
   -schedule(step) * lr_mult * (adam(g) + weight_decay * param [kernels only]),
 so the decay is decoupled and follows both the schedule and the multiplier, as optax.adamw
@@ -28,6 +31,14 @@ import optax
 
 PyTree = Any
 MU_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Parts of CAIP that the training loss never reaches: the image tower's own MAP head (output
+# `image_map`) and the text tower's projection (`text_pooled`). The loss pools `patch_features`
+# with `text_tokens` instead, so these get exactly zero gradient, and AdamW's decay alone would
+# shrink their kernels (to 0.61x over the default 100,000 steps), moving exported outputs with no
+# learning signal. They are always frozen: no update, no optimizer state. tests/test_optim.py
+# checks this list against the gradient of the training loss.
+UNREACHED = ("img/MAPHead_0", "txt/head")
 
 
 def optim_config() -> ml_collections.ConfigDict:
@@ -74,7 +85,7 @@ def optim_config() -> ml_collections.ConfigDict:
             lr_mults=(),
             # (pattern, ...): parameters that get no update and keep no optimizer state, so
             # a frozen tower costs no Adam memory; their gradients are left out of the clipping
-            # norm. E.g. ("txt",).
+            # norm. E.g. ("txt",). `UNREACHED` parts are frozen in any case.
             frozen=(),
             # Gradient accumulation: with k > 1 the train step calls `tx.update` on every
             # micro-batch's gradient (micro-batches of equal size, loss a mean over each). The
@@ -199,7 +210,8 @@ def _check_selects(field: str, patterns, names: list[str]):
 
 
 def _labels_fn(config: ml_collections.ConfigDict) -> Callable[[PyTree], PyTree]:
-    """tree -> 'frozen' / 'trainable' per leaf, checking that every pattern selects something."""
+    """tree -> 'frozen' / 'trainable' per leaf (`frozen` and `UNREACHED` patterns), checking that
+    every pattern of the config selects something."""
 
     def labels(tree):
         names = _names(tree)
@@ -208,7 +220,7 @@ def _labels_fn(config: ml_collections.ConfigDict) -> Callable[[PyTree], PyTree]:
         _check_selects("lr_mults", [p for p, _ in config.lr_mults], flat)
         if config.weight_decay:
             _check_selects("weight_decay_pattern", (config.weight_decay_pattern,), flat)
-        frozen = lambda n: any(_matches(p, n) for p in config.frozen)
+        frozen = lambda n: any(_matches(p, n) for p in (*config.frozen, *UNREACHED))
         return jax.tree.map(lambda n: "frozen" if frozen(n) else "trainable", names)
 
     return labels

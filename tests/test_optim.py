@@ -1,8 +1,10 @@
 """caip_jax.optim: the schedule, AdamW with its decay mask, clipping, learning-rate multipliers,
-frozen parts and gradient accumulation, against values computed by hand or in numpy."""
+frozen parts and gradient accumulation, against values computed by hand or in numpy; the parts
+the loss never reaches, against the training loss's gradient and the training step."""
 import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +12,10 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import tiny_run_config
 from caip_jax import config as caip_config
-from caip_jax import optim
+from caip_jax import optim, run_state, sharding, train, train_step
+from caip_jax.data import pipeline
 from caip_jax.models.summary import abstract_params
 
 
@@ -114,15 +118,20 @@ def test_adamw_two_steps_match_numpy():
         np.testing.assert_allclose(flat(got)[name], x, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+def is_unreached(name: str) -> bool:
+    return any(name == p or name.startswith(p + "/") for p in optim.UNREACHED)
+
+
 def test_decay_mask_on_caip_params_is_the_kernels():
     """With zero gradients Adam's step is 0, so exactly the decayed leaves move: every `kernel`
-    (Dense, attention, patch conv) and nothing else (embeddings, probes, cls, norms, t, b)."""
+    (Dense, attention, patch conv) and nothing else (embeddings, probes, cls, norms, t, b), and
+    no kernel of the parts the loss never reaches."""
     params = caip_names()
     tx, _ = optim.make_optimizer(make_config(warmup_steps=0), 100)
     # Eager: compiling this ~200-leaf update costs more than running it once.
     update, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     moved = {n for n, u in flat(update).items() if np.any(u != 0)}
-    kernels = {n for n in flat(params) if n.endswith("/kernel")}
+    kernels = {n for n in flat(params) if n.endswith("/kernel") and not is_unreached(n)}
     assert moved == kernels
     attention = "img/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"
     assert {"img/embedding/kernel", attention, "act/head/kernel", "pool/MAPHead_0/MlpBlock_0/Dense_0/kernel"} <= moved
@@ -294,3 +303,60 @@ def test_state_shardings_follow_the_params():
     assert all(got[n] == split for n in kernels)
     assert all(s == whole for n, s in got.items() if n not in kernels)
     assert not [n for n in got if "['txt']" in n]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(record_set):
+    """The run of tests/tiny_run_config.py on its 8-device mesh, its initial parameters (on the
+    host) and its first 3 global batches from the training pipeline."""
+    config = tiny_run_config.get_config()
+    config.data.train, config.data.tokenizer = record_set
+    run = run_state.setup(config)
+    params = jax.device_get(run_state.initial_params(run, config.seed))
+    _, batches, mean, std = train.training_batches(config)
+    iterator = pipeline.iterate(batches)
+    placed = sharding.batch_sharding(run.mesh)
+    batches = [train.global_batch(next(iterator), placed) for _ in range(3)]
+    iterator.close()
+    return config, run, params, mean, std, batches
+
+
+def test_unreached_parts_are_what_the_loss_does_not_reach(tiny_run):
+    """optim.UNREACHED against the real gradient of the training loss at random init: exactly
+    zero on every leaf it names and on no other. (Attention key biases pass only by rounding: a
+    bias added to every key shifts a query's logits alike, and softmax ignores that.)"""
+    config, run, params, mean, std, batches = tiny_run
+    params = jax.device_put(params, run.param_shardings)
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        loss_fn = train_step.make_loss_fn(run.model, run.mesh, config, mean, std)
+        grads = jax.jit(jax.grad(lambda p, b: loss_fn(p, b)[0]))(params, batches[0])
+    grads = flat(jax.device_get(grads))
+    assert {n for n, g in grads.items() if not g.any()} == {n for n in grads if is_unreached(n)}
+    for pattern in optim.UNREACHED:
+        assert any(n.startswith(pattern + "/") for n in grads), pattern
+
+
+def test_unreached_parts_are_unchanged_by_training_and_hold_no_state(tiny_run):
+    """Three steps of the training step with the run's optimizer (state sharded by
+    `state_shardings`): the unreached heads, kernels included, are bit-identical, every other
+    leaf moved, and the optimizer state holds no array for them."""
+    config, run, before, mean, std, batches = tiny_run
+    opt = run_state.optimizer(config, run)
+    params = jax.device_put(before, run.param_shardings)
+    opt_state = opt.init(params)
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        step = train_step.jit_train_step(run, opt, config, mean, std)
+        for batch in batches:
+            params, opt_state, _ = step(params, opt_state, batch)
+    before, after = flat(before), flat(jax.device_get(params))
+    for name in before:
+        assert np.array_equal(before[name], after[name]) == is_unreached(name), name
+
+    state = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(opt_state)}
+    assert not [n for n in state if "['img']['MAPHead_0']" in n or "['txt']['head']" in n]
+    # Adam's moments are split like their parameters.
+    kernel = "['img']['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0']['kernel']"
+    moments = [v for n, v in state.items() if n.endswith(kernel)]
+    assert len(moments) == 2
+    want = run.param_shardings["img"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    assert all(m.sharding == want for m in moments) and not want.is_fully_replicated
