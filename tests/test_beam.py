@@ -9,7 +9,7 @@ from caip_jax import actions
 from caip_jax.data import convert, records
 from caip_jax.data.beam import convert_with_beam
 from caip_jax.data.stats import RunningStats
-from test_convert import OPTIONS, rigid_episode, write_npz
+from test_convert import OPTIONS, all_bad, make_records, rigid_episode, write_corrupt, write_npz  # noqa: F401
 
 TWO_PROCESSES = ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 IN_PROCESS = ["--runner=DirectRunner", "--direct_num_workers=1", "--direct_running_mode=in_memory"]
@@ -26,8 +26,7 @@ def npz_input(tmp_path_factory):
     nan_pose = rigid_episode(rng)
     nan_pose["hands"][7, 0, 2] = np.nan
     write_npz(root, "episode_nan", **nan_pose)
-    with open(f"{root}/episode_2_corrupt.npz", "wb") as f:
-        f.write(b"not a zip file")
+    write_corrupt(root, "episode_2_corrupt")
     return root
 
 
@@ -79,7 +78,8 @@ def test_the_corrupt_episode_is_counted_and_named_and_the_rest_converts(single_m
     assert summary == records.read_json(beam_output, "summary.json")
     assert list(summary["failed"]) == ["episode_2_corrupt"] and "cannot read" in summary["failed"]["episode_2_corrupt"]
     for field in ("episodes_listed", "episodes_converted", "episodes_failed", "failed", "records",
-                  "bytes_per_record", "invalidated_hand_frames", "options", "source", "input"):
+                  "bytes_per_record", "invalidated_hand_frames", "warnings", "episodes_with_warnings", "options",
+                  "source", "input"):
         assert summary[field] == expected[field], field
     assert summary["episodes_converted"] == 5 and summary["invalidated_hand_frames"] == {"episode_nan": 1}
     assert summary["shard_files"] == SHARDS and summary["episodes_per_second"] > 0
@@ -138,3 +138,14 @@ def test_bad_arguments_are_refused(tmp_path):
         convert_with_beam("egodx", str(tmp_path), str(tmp_path / "out"), OPTIONS, {}, 2, IN_PROCESS)
     with pytest.raises(ValueError, match="at least one shard"):
         convert_with_beam("npz", str(tmp_path), str(tmp_path / "out"), OPTIONS, {}, 0, IN_PROCESS)
+
+
+@pytest.mark.parametrize("input_name, message", [
+    ("all_bad", "ERROR: all 2 episodes failed, none converted"),
+    ("npz_input", "ERROR: 1 of 6 episodes (16.7%) failed, more than max_failure_fraction=0.1"),
+], ids=["all_failed", "above_the_fraction"])
+def test_make_records_on_beam_exits_1_as_on_one_machine(request, tmp_path, input_name, message):
+    run = make_records("--source=npz", f"--input={request.getfixturevalue(input_name)}", f"--output={tmp_path}",
+                       "--max_failure_fraction=0.1", "--beam", "--", *IN_PROCESS)
+    assert run.returncode == 1, run.stderr
+    assert message in run.stderr and "_corrupt: cannot read" in run.stderr

@@ -1,6 +1,10 @@
 """Episodes -> record sets: samples, statistics, and bad input counted by name, never lost."""
 import io
+import logging
 import os
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -35,6 +39,11 @@ def write_npz(directory, name, **content):
     np.savez(os.path.join(directory, name + ".npz"), **content)
 
 
+def write_corrupt(directory, name):
+    with open(os.path.join(directory, name + ".npz"), "wb") as f:
+        f.write(b"not a zip file")
+
+
 @pytest.fixture(scope="module")
 def npz_input(tmp_path_factory):
     """Three good episodes and four bad ones, each bad in its own way."""
@@ -50,8 +59,7 @@ def npz_input(tmp_path_factory):
     mismatch["frames"] = mismatch["frames"][:-2]
     write_npz(root, "bad_frame_count", **mismatch)
     write_npz(root, "bad_no_camera", **{k: v for k, v in rigid_episode(rng).items() if k != "camera"})
-    with open(os.path.join(root, "bad_corrupt.npz"), "wb") as f:
-        f.write(b"not a zip file")
+    write_corrupt(root, "bad_corrupt")
     return root
 
 
@@ -132,3 +140,53 @@ def test_unknown_source_and_empty_input_are_refused(tmp_path):
         convert.convert("egodx", str(tmp_path), str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="found no episodes"):
         convert.convert("npz", str(tmp_path), str(tmp_path / "out"))
+
+
+def test_an_episode_s_warnings_are_those_its_own_thread_logs():
+    """Beam's DirectRunner may convert episodes in threads: one's warnings are not another's."""
+    logger = logging.getLogger("caip_jax.data.sources.somewhere")
+    with convert._warnings_logged() as messages:
+        logger.warning("this episode's file is odd")
+        other = threading.Thread(target=logger.warning, args=("another episode's file is odd",))
+        other.start()
+        other.join()
+        logger.info("not a warning")
+    logger.warning("after the episode")
+    assert messages == ["this episode's file is odd"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_records(*args: str) -> subprocess.CompletedProcess:
+    """caip-make-records as a user runs it: its exit status is what a pipeline sees."""
+    command = [sys.executable, "-m", "tools.make_records", "--horizon=8", "--stride=4", "--workers=1", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def all_bad(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("all_bad"))
+    write_npz(root, "bad_too_short", **rigid_episode(np.random.default_rng(4), frames=6))
+    write_corrupt(root, "bad_corrupt")
+    return root
+
+
+def test_make_records_fails_when_every_episode_fails(all_bad, tmp_path):
+    run = make_records("--source=npz", f"--input={all_bad}", f"--output={tmp_path}")
+    assert run.returncode == 1, run.stderr
+    assert "ERROR: all 2 episodes failed, none converted" in run.stderr
+    assert "bad_corrupt: cannot read" in run.stderr and "bad_too_short: 6 steps" in run.stderr
+    assert records.read_json(str(tmp_path), "summary.json")["episodes_failed"] == 2
+
+
+@pytest.mark.parametrize("max_fraction, status, word", [(0.4, 1, "ERROR"), (0.5, 0, "WARNING")])
+def test_make_records_exit_status_follows_the_failure_fraction(npz_input, tmp_path, max_fraction, status, word):
+    """4 of 8 failed: above 0.4, status 1 after writing the other 4; at 0.5, status 0 with a warning."""
+    run = make_records("--source=npz", f"--input={npz_input}", f"--output={tmp_path}",
+                       f"--max_failure_fraction={max_fraction}")
+    assert run.returncode == status, run.stderr
+    assert f"{word}: 4 of 8 episodes (50.0%) failed" in run.stderr
+    assert "bad_corrupt: cannot read" in run.stderr and f"{tmp_path}/summary.json" in run.stderr
+    # Either way the record set holds the four good episodes (anchors 0, 4, 8 each).
+    assert sum(len(records.read_shard(p)) for p in records.shard_paths(str(tmp_path))) == 12

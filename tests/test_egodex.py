@@ -1,11 +1,16 @@
-"""EgoDex source on tiny episodes written here in EgoDex's own layout (partN/<task>/<i>.hdf5 + .mp4)."""
+"""EgoDex source on tiny episodes written here in EgoDex's own layout (partN/<task>/<i>.hdf5 + .mp4),
+including the defects that github.com/apple/ml-egodex's issues report of the published files."""
+import io
 import logging
 import os
 
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
+from caip_jax import actions
+from caip_jax.data import convert, records
 from caip_jax.data.schema import EpisodeError
 from caip_jax.data.sources import egodex
 from caip_jax.data.video import write_video
@@ -45,15 +50,21 @@ def camera_poses() -> np.ndarray:
     return np.stack([pose(0.2 + 0.03 * f, (0.1 * f, 1.5, -0.2)) for f in range(N)])
 
 
+def rgb(n: int = N) -> np.ndarray:
+    """[n, 3] a colour per frame, 14 levels apart (n <= 16)."""
+    return np.stack([(20 + 14 * f, 230 - 14 * f, 60 + 10 * f) for f in range(n)]).astype(np.uint8)
+
+
 def colours(n: int = N) -> np.ndarray:
     """[n, H, W, 3] flat frames, a different colour each."""
-    rgb = np.stack([(20 + 20 * f, 230 - 20 * f, 60 + 15 * f) for f in range(n)]).astype(np.uint8)
-    return np.broadcast_to(rgb[:, None, None], (n, H, W, 3)).copy()
+    return np.broadcast_to(rgb(n)[:, None, None], (n, H, W, 3)).copy()
 
 
-def write_episode(root, key="part1/basic_pick_place/0", *, frames=N, drop=(), confidence=None, attrs=None):
+def write_episode(root, key="part1/basic_pick_place/0", *, frames=N, drop=(), confidence=None, attrs=None,
+                  replace=None):
     """An EgoDex episode at root/key.{hdf5,mp4}; `drop` names datasets to leave out,
-    `confidence` maps joint name -> [N] confidences (default all 0.9)."""
+    `confidence` maps joint name -> [N] confidences (default all 0.9), `replace` maps dataset
+    name -> the array to write instead."""
     path = os.path.join(root, key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with h5py.File(path + ".hdf5", "w") as f:
@@ -63,6 +74,7 @@ def write_episode(root, key="part1/basic_pick_place/0", *, frames=N, drop=(), co
                 datasets[f"transforms/{prefix}{joint}"] = joint_poses(side, index)
                 datasets[f"confidences/{prefix}{joint}"] = (confidence or {}).get(prefix + joint,
                                                                                 np.full(N, 0.9))
+        datasets.update(replace or {})
         for name, value in datasets.items():
             if name not in drop:
                 f.create_dataset(name, data=np.asarray(value, np.float32))
@@ -167,8 +179,8 @@ def test_missing_right_hand_is_invalid_throughout_with_a_warning(tmp_path, caplo
     "broken, reason",
     [
         (dict(frames=0), "missing video"),
-        (dict(frames=N - 3), f"{N - 3} frames but"),
         (dict(drop=["transforms/camera"]), "no transforms/camera"),
+        (dict(replace={"transforms/camera": np.zeros((0, 4, 4))}), f"the mp4 has {N} frames and the hdf5 0 poses"),
     ],
 )
 def test_broken_episodes_raise_with_the_reason(tmp_path, broken, reason):
@@ -202,3 +214,93 @@ def test_frames_read_back(tmp_path):
     got = frames.read(np.arange(N)).astype(float)
     assert got.shape == (N, H, W, 3)
     assert np.abs(got - colours()).mean(axis=(1, 2, 3)).max() < 8
+
+
+# The published files' defects (github.com/apple/ml-egodex issues): each converts, with action
+# chunks equal to those computed here from the arrays written, and a warning in summary.json.
+
+OPTIONS = convert.ConvertOptions(horizon=4, stride=2, jpeg_short_side=32)
+
+
+def expected_chunks(n: int) -> dict[int, np.ndarray]:
+    """Anchor frame -> camera-frame poses [T+1, 2, 21, 4, 4] of the first `n` frames as written
+    (float32 in the file), the anchor's camera inverted: what each record must hold."""
+    T, stride = OPTIONS.horizon, OPTIONS.stride
+    hands = np.stack([np.stack([joint_poses(side, slot) for slot in range(21)], axis=1) for side in range(2)], axis=1)
+    hands, camera = hands.astype(np.float32).astype(np.float64), camera_poses().astype(np.float32).astype(np.float64)
+    return {a: np.linalg.inv(camera[a]) @ hands[a:a + T + 1] for a in range(0, n - T, stride)}
+
+
+def assert_converts_exactly(root, key: str, n: int) -> list[str]:
+    """Converts `key` as caip-make-records does; its records are the anchors of the first `n`
+    frames with their own frame and the expected poses. Returns the episode's warnings."""
+    result = convert.read_and_convert("egodex", str(root), {}, OPTIONS, key)
+    assert isinstance(result, convert.EpisodeResult), result
+    samples = [records.decode(r) for r in result.records]
+    expected = expected_chunks(n)
+    assert [s["frame_index"] for s in samples] == list(expected)
+    for sample in samples:
+        # Rows of a rotation to 1e-4 and translations to 0.1 mm: the records' quantisation.
+        np.testing.assert_allclose(actions.decompress_poses(sample["poses"]), expected[sample["frame_index"]], atol=1e-4)
+        assert sample["valid"].all()
+        shown = np.asarray(Image.open(io.BytesIO(sample["image"])).convert("RGB"), float).mean(axis=(0, 1))
+        assert np.abs(rgb(16).astype(float) - shown).sum(axis=1).argmin() == sample["frame_index"]
+    return result.warnings
+
+
+
+
+@pytest.mark.parametrize("intrinsic", [np.zeros((0, 3)), None, np.zeros((3, 3))], ids=["empty", "absent", "zeros"])
+def test_unusable_intrinsics_become_egodex_s_fixed_ones(tmp_path, intrinsic):
+    """Issue 10: part1's camera/intrinsic has shape (0, 3); issue 3: older downloads lack it.
+    Apple's loader reads the empty one as it is; Apple's get_camera_intrinsics gives the constant."""
+    drop, replace = (["camera/intrinsic"], None) if intrinsic is None else ((), {"camera/intrinsic": intrinsic})
+    key = write_episode(tmp_path, drop=drop, replace=replace)
+    warnings = assert_converts_exactly(tmp_path, key, N)
+    assert len(warnings) == 1 and key in warnings[0] and "camera/intrinsic" in warnings[0]
+    fixed = np.array([[736.6339, 0, 960], [0, 736.6339, 540], [0, 0, 1]])  # README / data_utils.py
+    np.testing.assert_allclose(egodex.read_episode(str(tmp_path), key).intrinsics, fixed)
+    sample = records.decode(convert.read_and_convert("egodex", str(tmp_path), {}, OPTIONS, key).records[0])
+    np.testing.assert_allclose(sample["intrinsics"], fixed * [[32 / H], [32 / H], [1]], rtol=1e-6)
+
+
+def test_reversible_task_without_which_llm_description_gets_its_task_name(tmp_path):
+    """Issues 3 and 8: downloads from before about August 2025 lack which_llm_description.
+    Apple's loader raises KeyError; either description would be the wrong direction half the time."""
+    attrs = {"llm_type": "reversible", "llm_description": "Plug in the charger.",
+             "llm_description2": "Unplug the charger."}
+    key = write_episode(tmp_path, "part2/charge_uncharge_airpods/3", attrs=attrs)
+    warnings = assert_converts_exactly(tmp_path, key, N)
+    assert egodex.read_episode(str(tmp_path), key).text == "charge uncharge airpods"
+    assert len(warnings) == 1 and key in warnings[0] and "which_llm_description" in warnings[0]
+    # A task that is not reversible needs no direction: its description, no warning.
+    key = write_episode(tmp_path, "part2/stack_cups/0", attrs={"llm_type": "reset", "llm_description": "Stack."})
+    assert egodex.read_episode(str(tmp_path), key).text == "Stack." and not assert_converts_exactly(tmp_path, key, N)
+
+
+@pytest.mark.parametrize(
+    "written, n, counts",
+    [
+        (dict(frames=N + 3), N, f"the mp4 has {N + 3} frames, the hdf5 {N} poses"),
+        (dict(frames=N - 3), N - 3, f"the mp4 has {N - 3} frames, the hdf5 {N} poses"),
+        (dict(replace={"transforms/rightRingFingerTip": joint_poses(1, 16)[:N - 2],
+                       "confidences/leftHand": np.full(N - 1, 0.9)}), N - 2,
+         f"the hdf5 {N} poses (but confidences/leftHand {N - 1}, transforms/rightRingFingerTip {N - 2})"),
+    ],
+    ids=["longer_video", "shorter_video", "shorter_datasets"],
+)
+def test_frames_and_poses_of_other_counts_pair_frame_i_with_pose_i(tmp_path, written, n, counts):
+    """Apple's loader serves frame i with pose i for every i both have: so does this reader."""
+    key = write_episode(tmp_path, **written)
+    warnings = assert_converts_exactly(tmp_path, key, n)
+    assert len(warnings) == 1 and warnings[0].startswith(key) and counts in warnings[0]
+    assert f"using the first {n} of each" in warnings[0]
+
+
+def test_summary_lists_the_warnings_by_episode(tmp_path):
+    good = write_episode(tmp_path / "in", "part1/a/0")
+    bad = write_episode(tmp_path / "in", "part1/a/1", replace={"camera/intrinsic": np.zeros((0, 3))})
+    summary = convert.convert("egodex", str(tmp_path / "in"), str(tmp_path / "out"), OPTIONS, shards=1)
+    assert summary["episodes_converted"] == 2 and summary["episodes_with_warnings"] == 1
+    assert list(summary["warnings"]) == [bad] and good not in summary["warnings"]
+    assert records.read_json(str(tmp_path / "out"), "summary.json")["warnings"] == summary["warnings"]

@@ -1,5 +1,7 @@
 """Converts episodes of a source layout into a record set (ArrayRecord shards + stats.json +
-summary.json), in parallel over episodes. Failed episodes are skipped, counted and named.
+summary.json), in parallel over episodes. Failed episodes are skipped, counted and named; the
+exit status is 1 when none converted or more than --max_failure_fraction of them failed (the
+record set then holds those that converted).
 
   caip-make-records --source egodex --input /data/egodex --output /data/records/egodex --workers 16
   caip-make-records --source demo_world --output /tmp/demo/records --option num_episodes=200
@@ -10,6 +12,7 @@ summary.json), in parallel over episodes. Failed episodes are skipped, counted a
 """
 import json
 import os
+import sys
 
 from absl import app, flags
 
@@ -25,6 +28,9 @@ flags.DEFINE_integer("stride", convert.ConvertOptions.stride, "Steps (at 30 Hz) 
 flags.DEFINE_integer("jpeg_short_side", convert.ConvertOptions.jpeg_short_side, "Short side of stored frames.")
 flags.DEFINE_multi_string("option", [], "Source option key=value (value parsed as JSON if it can be).")
 flags.DEFINE_bool("beam", False, "Convert on Apache Beam; Beam pipeline options follow `--`.")
+flags.DEFINE_float("max_failure_fraction", 0.05, "Above this fraction of failed episodes the tool exits 1 "
+                   "(after writing those that converted); at or below it, 0 with a warning.",
+                   lower_bound=0.0, upper_bound=1.0)
 FLAGS = flags.FLAGS
 
 
@@ -60,11 +66,17 @@ def main(argv):
         f"{summary['records']} records ({summary['bytes_per_record'] / 1024:.1f} KiB each) in "
         f"{FLAGS.output}, {summary['episodes_per_second']:.2f} episodes/s"
     )
-    for key, reason in summary["failed"].items():
-        print(f"  skipped {key}: {reason}")
     if summary["invalidated_hand_frames"]:
         total = sum(summary["invalidated_hand_frames"].values())
         print(f"  {total} hand-frames with NaN or non-rigid poses masked (per episode in summary.json)")
+    if summary["warnings"]:
+        print(f"  {summary['episodes_with_warnings']} episodes converted with warnings about their files "
+              f"(per episode in summary.json), e.g. {next(iter(summary['warnings'].values()))[0]}")
+    report, failed = convert.failure_report(summary, FLAGS.output, FLAGS.max_failure_fraction)
+    if report:
+        print(report, file=sys.stderr)
+    if failed:
+        sys.exit(1)
 
 
 def run():

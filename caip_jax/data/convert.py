@@ -9,6 +9,7 @@ import importlib
 import io
 import logging
 import multiprocessing
+import threading
 import time
 
 import numpy as np
@@ -40,6 +41,7 @@ class EpisodeResult:
     records: list[bytes]
     stats: dict[str, RunningStats]  # per delta mode (actions.DELTAS)
     invalidated_hand_frames: int
+    warnings: list[str] = dataclasses.field(default_factory=list)  # what the source made of a defective file
 
 
 def source_module(name: str):
@@ -124,16 +126,44 @@ def _jpegs(episode: Episode, indices: np.ndarray, options: ConvertOptions):
 
 
 def read_and_convert(source: str, input_path: str, source_options: dict, options: ConvertOptions, key: str):
-    """`convert_episode` of one key; failures come back as (key, reason) instead of raising,
-    so one bad episode never stops a conversion and is always reported by name."""
+    """`convert_episode` of one key, with the warnings logged meanwhile (a source's account of
+    a defect it worked around); failures come back as (key, reason) instead of raising, so one
+    bad episode never stops a conversion and is always reported by name."""
     try:
-        episode = source_module(source).read_episode(input_path, key, **source_options)
-        return convert_episode(episode, options)
+        with _warnings_logged() as warnings:
+            episode = source_module(source).read_episode(input_path, key, **source_options)
+            result = convert_episode(episode, options)
+        result.warnings = warnings
+        return result
     except EpisodeError as error:
         return key, str(error)
     except Exception as error:  # a corrupt file can raise anything from h5py, PyAV or PIL
         logging.exception("episode %s failed", key)
         return key, f"{type(error).__name__}: {error}"
+
+
+class _ThreadWarnings(logging.Handler):
+    """Keeps the messages of the warnings this thread logs (Beam may run bundles in threads)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _warnings_logged():
+    """The messages of the warnings that caip_jax logs in this thread inside the block."""
+    handler, logger = _ThreadWarnings(), logging.getLogger("caip_jax")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
 
 
 class Summary:
@@ -146,6 +176,7 @@ class Summary:
         self.bytes = 0
         self.failed: dict[str, str] = {}
         self.invalidated_hand_frames: dict[str, int] = {}
+        self.warnings: dict[str, list[str]] = {}
 
     def add(self, result) -> None:
         if not isinstance(result, EpisodeResult):
@@ -159,6 +190,8 @@ class Summary:
             self.stats[delta] = self.stats[delta].merge(stats)
         if result.invalidated_hand_frames:
             self.invalidated_hand_frames[result.episode_id] = result.invalidated_hand_frames
+        if result.warnings:
+            self.warnings[result.episode_id] = result.warnings
 
     def merge(self, other: "Summary") -> "Summary":
         """The Summary of both (which hold disjoint episodes), as parallel workers need."""
@@ -170,6 +203,7 @@ class Summary:
         )
         out.failed = {**self.failed, **other.failed}
         out.invalidated_hand_frames = {**self.invalidated_hand_frames, **other.invalidated_hand_frames}
+        out.warnings = {**self.warnings, **other.warnings}
         out.stats = {delta: stats.merge(other.stats[delta]) for delta, stats in self.stats.items()}
         return out
 
@@ -182,7 +216,33 @@ class Summary:
             records=self.records,
             bytes_per_record=self.bytes / max(1, self.records),
             invalidated_hand_frames=self.invalidated_hand_frames,
+            episodes_with_warnings=len(self.warnings),
+            warnings=self.warnings,
         )
+
+
+FIRST_ERRORS = 5  # failures a report quotes; summary.json names them all
+
+
+def failure_report(summary: dict, output_dir: str, max_failure_fraction: float) -> tuple[str, bool]:
+    """What to tell the user about the failed episodes of a conversion's `summary` ('' if none)
+    and whether the conversion failed: no episode converted, or more than
+    `max_failure_fraction` of them did not (the record set in `output_dir` still holds those
+    that did). A handful of bad files in 10,000 is the dataset; a large fraction is a wrong
+    option or a broken copy, which a pipeline must not take for a record set."""
+    listed, failed = summary["episodes_listed"], summary["failed"]
+    if not failed:
+        return "", False
+    first = list(failed.items())[:FIRST_ERRORS]
+    errors = "".join(f"\n  {key}: {reason.removeprefix(f'{key}: ')}" for key, reason in first)
+    where = f"every failure is in {output_dir}/summary.json; the first {len(first)}:{errors}"
+    if len(failed) == listed:
+        return f"ERROR: all {listed} episodes failed, none converted; {where}", True
+    counts = f"{len(failed)} of {listed} episodes ({len(failed) / listed:.1%}) failed"
+    if len(failed) / listed > max_failure_fraction:
+        return (f"ERROR: {counts}, more than max_failure_fraction={max_failure_fraction:g}; {output_dir} holds the "
+                f"{listed - len(failed)} that converted; {where}"), True
+    return f"WARNING: {counts} (max_failure_fraction={max_failure_fraction:g} allowed); {where}", False
 
 
 def convert(
