@@ -2,16 +2,26 @@
 against PIL's ImageEnhance, action chunks against the camera-frame poses, in numpy."""
 import jax
 import numpy as np
+import pytest
 from PIL import Image, ImageEnhance
 
 from caip_jax import actions, device_prep
 from caip_jax.data import pipeline, records
 
 
-def test_color_jitter_is_pil_image_enhance():
+@pytest.mark.parametrize(
+    # Per-channel value ranges. Unbalanced channels (a reddish scene) tell PIL's contrast, which
+    # blends towards the mean of the greyscale image, from a blend towards each channel's own
+    # mean, which misses PIL here by over 30 levels of 255.
+    "low, high",
+    [((0, 0, 0), (256, 256, 256)), ((150, 40, 0), (256, 160, 60))],
+    ids=["balanced", "channel_unbalanced"],
+)
+def test_color_jitter_is_pil_image_enhance(low, high):
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (3, 24, 32, 3)).astype(np.uint8)
-    factors = rng.uniform(0.7, 1.3, (3, 3)).astype(np.float32)
+    images = rng.integers(low, high, (3, 24, 32, 3)).astype(np.uint8)
+    factors = rng.uniform(0.8, 1.2, (3, 3)).astype(np.float32)
+    factors[:, 1] = [0.5, 1.5, 0.7]  # contrast far from 1
     got = np.asarray(jax.jit(device_prep.color_jitter)(images, factors))
     for image, (b, c, s), out in zip(images, factors, got):
         pil = Image.fromarray(image)
