@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import grain
 from absl import flags
+from etils import epath
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from caip_jax.data import batch_ring, records, tfds_builder
@@ -142,12 +142,19 @@ def _between(bounds: Sequence[float], u: float) -> float:
 
 
 class SkipCorrupt(grain.MapDataset):
-    """`parent[i]` passed through `transform`; a record that fails (a corrupt JPEG or record) is
-    logged by name and replaced by the next record of the stream, so that one bad record can
-    neither stop training nor shift the batches of other processes."""
+    """Records of `record_set` at the positions `parent` gives (record indices: a shuffled,
+    repeated stream), passed through `transform`. A record that fails, to read (a chunk whose
+    hash does not match) or to decode (a corrupt JPEG), is logged with its set, shard and
+    position and replaced by the next record of the stream, so that one bad record can neither
+    stop training nor shift the batches of other processes; the same ones fail after a restart.
+    Each sample gets `skipped` (int32): 1 where its stream position's own record failed and
+    the next one stands in, so that summing it counts what training missed. In an ArrayRecord
+    file every record of a damaged chunk fails; ours (and TFDS's) hold one record a chunk."""
 
-    def __init__(self, parent: grain.MapDataset, transform, seed: tuple[int, ...] | None, attempts: int = 16):
+    def __init__(self, parent: grain.MapDataset, record_set: records.RecordSet, transform,
+                 seed: tuple[int, ...] | None, attempts: int = 16):
         super().__init__(parent)
+        self._set, self._records = record_set, record_dataset(record_set)
         self._transform, self._seed, self._attempts = transform, seed, attempts
 
     def __len__(self) -> int:
@@ -157,23 +164,28 @@ class SkipCorrupt(grain.MapDataset):
         if isinstance(index, slice):
             return self.slice(index)
         for offset in range(self._attempts):
-            record = self._parent[(index + offset) % len(self._parent)]
+            position = self._parent[(index + offset) % len(self._parent)]
             rng = None if self._seed is None else np.random.default_rng((*self._seed, index))
+            record = None
             try:
-                return self._transform(record, rng)
+                record = self._records[position]
+                return dict(self._transform(record, rng), skipped=np.int32(offset > 0))
             except DataConfigError:
                 raise
             except Exception as error:
-                logging.error("skipping corrupt record at stream index %d (%s): %s: %s",
-                              index + offset, _identity(record), type(error).__name__, error)
+                logging.error("skipping a corrupt record: %s %s (%s) at stream index %d: %s: %s",
+                              self._set.directory, self._set.locate(position), _identity(record),
+                              index + offset, type(error).__name__, error)
                 last_error = error  # `error` itself is unbound after the except clause
         raise RuntimeError(
-            f"{self._attempts} records in a row from stream index {index} failed (see the log): "
-            "a broken record set or a bug, not a stray corrupt record"
+            f"{self._attempts} records in a row from stream index {index} failed (see the log): the record "
+            f"set {self._set.directory} is broken, or a bug; not a stray corrupt record"
         ) from last_error
 
 
-def _identity(record: bytes | dict) -> str:
+def _identity(record: bytes | dict | None) -> str:
+    if record is None:
+        return "unreadable"
     try:
         sample = records.decode(record) if isinstance(record, bytes) else record
         return f"{sample['source']}/{sample['episode_id']} frame {sample['frame_index']}"
@@ -181,13 +193,32 @@ def _identity(record: bytes | dict) -> str:
         return f"undecodable record of {len(record)} bytes"
 
 
-def record_dataset(directory: str) -> grain.MapDataset:
-    """The records of a record set (bytes), or of its TFDS form (sample dicts: `directory` is
-    then the dataset's version directory, e.g. DATA_DIR/caip_records/1.0.0), in file order."""
-    if os.path.exists(os.path.join(directory, "dataset_info.json")):
-        source = tfds.builder_from_directory(directory).as_data_source(split="train")
-        return grain.MapDataset.source(source).map(tfds_builder.to_sample)
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(records.shard_paths(directory)))
+def _is_tfds(directory: str) -> bool:
+    return (epath.Path(directory) / "dataset_info.json").exists()
+
+
+def open_record_set(directory: str, missing_shards: str = "error") -> records.RecordSet:
+    """A record set, or its TFDS form (the dataset's version directory, e.g.
+    DATA_DIR/caip_records/1.0.0), verified without reading a record (records.verify); absent or
+    unreadable shards are an error, or with `missing_shards="skip"` left out and counted."""
+    if missing_shards not in records.MISSING_SHARDS:
+        raise DataConfigError(f"data.missing_shards={missing_shards!r} is not one of {records.MISSING_SHARDS}")
+    if _is_tfds(directory):
+        return tfds_builder.open_set(directory, missing_shards)
+    return records.open_set(directory, missing_shards)
+
+
+def record_dataset(record_set: str | records.RecordSet) -> grain.MapDataset:
+    """The records of a record set (bytes), or of its TFDS form (sample dicts), in file order.
+    A directory is opened with `open_record_set` (absent or unreadable shards an error)."""
+    if isinstance(record_set, str):
+        record_set = open_record_set(record_set)
+    # "path[0:n]": grain takes the counts as given instead of opening every shard again.
+    shards = [f"{path}[0:{count}]" for path, count in zip(record_set.shards, record_set.counts)]
+    dataset = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(shards))
+    if _is_tfds(record_set.directory):
+        return dataset.map(tfds_builder.decoder(record_set.directory))
+    return dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,17 +279,19 @@ def train_batches(
     k is a dict of [global_batch / process_count, ...] arrays, with `source_index` [b] int32,
     the position of each sample's source in `sources`.
 
-    `sources`: (record-set directory, its preprocessing, weight) each. Every source is
+    `sources`: (record set, its preprocessing, weight) each; a record set is a directory
+    (opened with missing shards an error) or an opened `records.RecordSet`. Every source is
     shuffled and repeated on its own, then grain mixes them in proportion to the weights,
-    whatever their sizes (a small set repeats; a large one is never exhausted first).
+    whatever their sizes (a small set repeats; a large one is never exhausted first). Samples
+    carry `skipped` (see SkipCorrupt).
     """
     if global_batch % process_count:
         raise DataConfigError(f"batch_size={global_batch} is not divisible by the {process_count} processes")
-    streams = [
-        SkipCorrupt(record_dataset(directory).shuffle(seed=seed + i).repeat(), preprocess, seed=(seed, i))
-        .map(functools.partial(_tag_source, i))
-        for i, (directory, preprocess, _) in enumerate(sources)
-    ]
+    streams = []
+    for i, (record_set, preprocess, _) in enumerate(sources):
+        record_set = open_record_set(record_set) if isinstance(record_set, str) else record_set
+        indices = grain.MapDataset.range(sum(record_set.counts)).shuffle(seed=seed + i).repeat()
+        streams.append(SkipCorrupt(indices, record_set, preprocess, seed=(seed, i)).map(functools.partial(_tag_source, i)))
     samples = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [w for *_, w in sources])
     local = global_batch // process_count
     return samples.batch(local, drop_remainder=True)[process_index::process_count]
@@ -270,7 +303,8 @@ def _tag_source(index: int, sample: dict) -> dict:
 
 def eval_samples(directory: str, preprocess: Preprocess) -> grain.MapDataset:
     """Every record once, in record order, without augmentation."""
-    return SkipCorrupt(record_dataset(directory), preprocess, seed=None)
+    record_set = open_record_set(directory)
+    return SkipCorrupt(grain.MapDataset.range(sum(record_set.counts)), record_set, preprocess, seed=None)
 
 
 def iterate(dataset: grain.MapDataset, workers: int = 0, threads: int = 4):
@@ -284,7 +318,8 @@ def iterate(dataset: grain.MapDataset, workers: int = 0, threads: int = 4):
             # has parsed them, and the defaults are what we want.
             flags.FLAGS.mark_as_parsed()
         rings = batch_ring.make_directory()
+        watchdog = functools.partial(batch_ring.exit_with_trainer, os.getpid(), rings)
         iter_dataset = (iter_dataset.map(batch_ring.RingWriter(rings))
-                        .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+                        .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=watchdog)
                         .map(batch_ring.RingReader(rings)))
     return iter(iter_dataset)

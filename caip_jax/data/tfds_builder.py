@@ -6,7 +6,9 @@ set's stats.json copied beside it).
 The features are the sample fields of records.py; the image is stored as the same JPEG bytes,
 `labels` (free-form keys) as JSON text.
 """
+import functools
 import json
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -54,7 +56,7 @@ class CaipRecords(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples(str(dl_manager.manual_dir))}
 
     def _generate_examples(self, directory: str):
-        for path in records.shard_paths(directory):
+        for path in records.open_set(directory).shards:  # a damaged record set is refused by name
             for record in records.read_shard(path):
                 sample = records.decode(record)
                 key = f"{sample['source']}/{sample['episode_id']}/{sample['view']}/{sample['frame_index']}"
@@ -70,13 +72,21 @@ def build(records_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def to_sample(example: dict) -> dict:
-    """A decoded TFDS example -> the sample dict of records.py (the image stays decoded)."""
-    return dict(
-        example,
-        text=example["text"].decode(),
-        source=example["source"].decode(),
-        episode_id=example["episode_id"].decode(),
-        view=example["view"].decode(),
-        labels=json.loads(example["labels"]),
-    )
+def open_set(version_dir: str, missing_shards: str = "error") -> records.RecordSet:
+    """The TFDS form's shards, verified as `records.verify` does: each opens and holds the
+    records its dataset_info.json counts."""
+    split = tfds.builder_from_directory(version_dir).info.splits["train"]
+    shards = [(os.fspath(f.filename), f.examples_in_shard) for f in split.file_instructions]
+    return records.verify(version_dir, shards, [], split.num_examples, "dataset_info.json", missing_shards)
+
+
+def decoder(version_dir: str):
+    """serialized TFDS example (bytes) -> the sample dict of records.py (the image decoded), as
+    a picklable function."""
+    return functools.partial(_decode, tfds.builder_from_directory(version_dir).info.features)
+
+
+def _decode(features: tfds.features.FeaturesDict, serialized: bytes) -> dict:
+    example = features.deserialize_example_np(serialized)
+    text = {key: example[key].decode() for key in ("text", "source", "episode_id", "view")}
+    return dict(example, **text, labels=json.loads(example["labels"]))
