@@ -20,14 +20,22 @@ worker waits on grain's bounded queue, not on a slot, and batches dropped by `se
 cannot fill the ring. Only numeric arrays go through the ring; other leaves, and a batch
 larger than the first (the slot size), go through grain unchanged. Memory: SLOTS batches per
 worker process, in /dev/shm.
+
+Nothing outlives a trainer killed by SIGKILL: each worker's watchdog thread (`exit_with_trainer`)
+ends the worker once its parent is gone and removes the rings; multiprocessing's resource
+tracker then sees its pipe close and exits too. The rings' directory is named by its owner
+(pid and start time), and a trainer removes the directories of owners that are gone when it
+makes its own, in case the workers died with their trainer (a whole process group killed).
 """
 import dataclasses
 import logging
 import mmap
 import os
+import re
 import shutil
 import struct
 import tempfile
+import threading
 import time
 import uuid
 import weakref
@@ -38,6 +46,8 @@ SLOTS = 8  # twice the most batches one worker had in flight with grain 0.2.18 (
 _HEADER = 4096  # the acknowledged stamp (int64), then the slots, each page-aligned
 _ALIGN = 64
 _WAIT_WARNING_SECONDS = 60.0
+_PARENT_POLL_SECONDS = 0.2
+_PREFIX = "caip-batches-"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +69,51 @@ def _aligned(nbytes: int, alignment: int) -> int:
 
 
 def make_directory() -> str:
-    """A fresh directory for one iterator's rings: in /dev/shm (memory) where there is one."""
-    return tempfile.mkdtemp(prefix="caip-batches-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    """A fresh directory for one iterator's rings, in /dev/shm (memory) where there is one,
+    named by this process (`_owner`); first removes the rings of owners that are gone."""
+    root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    owner = _owner(os.getpid())
+    if owner is not None:  # Linux (/proc): owners can be told apart from reused pids
+        remove_orphans(root)
+    return tempfile.mkdtemp(prefix=f"{_PREFIX}{owner or os.getpid()}-", dir=root)
+
+
+def remove_orphans(root: str) -> list[str]:
+    """Removes the ring directories under `root` whose owner is gone; returns them."""
+    removed = []
+    for name in os.listdir(root):
+        match = re.fullmatch(rf"{_PREFIX}((\d+)\.\d+)-\w+", name)
+        if match and _owner(int(match[2])) != match[1]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _owner(pid: int) -> str | None:
+    """"PID.START" of a live process (START: its start time in clock ticks since boot, so a pid
+    the kernel gives to a later process names another owner); None if it is gone or there is no
+    /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f"{pid}.{f.read().rsplit(')', 1)[1].split()[19]}"  # field 22, after "pid (comm)"
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def exit_with_trainer(trainer: int, rings: str, worker_index: int, worker_count: int) -> None:
+    """grain's worker_init_fn: a daemon thread ends this loader process, removing `rings`, as
+    soon as its parent `trainer` is gone (SIGKILL included: then no clean-up of the trainer's
+    runs). Not prctl's PR_SET_PDEATHSIG: it fires when the *thread* that started the worker ends,
+    and grain starts workers from threads of its own."""
+    del worker_index, worker_count
+
+    def watch():
+        while os.getppid() == trainer:
+            time.sleep(_PARENT_POLL_SECONDS)
+        shutil.rmtree(rings, ignore_errors=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-trainer", daemon=True).start()
 
 
 class RingWriter:
@@ -132,7 +185,6 @@ class _Ring:
 
     def __init__(self, path: str, buffer: mmap.mmap, slot_bytes: int):
         self.path, self.buffer, self.slot_bytes, self.stamps = path, buffer, slot_bytes, 0
-        self.parent = os.getppid()
 
     @classmethod
     def create(cls, directory: str, slot_bytes: int) -> "_Ring":
@@ -150,9 +202,7 @@ class _Ring:
 
     def wait_until_taken(self, stamp: int) -> None:
         start = warned = time.monotonic()
-        while self.taken() < stamp:
-            if os.getppid() != self.parent:
-                raise RuntimeError(f"loader worker {os.getpid()}: the trainer process has gone")
+        while self.taken() < stamp:  # exit_with_trainer ends this if the trainer has gone
             time.sleep(0.0002)
             if time.monotonic() - warned > _WAIT_WARNING_SECONDS:
                 warned = time.monotonic()
