@@ -54,6 +54,9 @@ def base_config(variant: str = "L/16") -> ml_collections.ConfigDict:
             normalize=True,  # action mean/std from the record sets' stats.json
             stats="mixture",  # normalise with the mixture's statistics, or "per_source"
             workers=8,  # loader processes per host (grain); the batch order does not depend on it
+            # A record set's absent or unreadable shards: "error" (naming them), or "skip": train
+            # on the rest with a warning; what is lost is logged and kept in the checkpoint.
+            missing_shards="error",
         )
     )
     # Device mesh: batch over data x fsdp, parameters over fsdp (and tensor); -1: the rest.
