@@ -149,3 +149,17 @@ def test_make_records_on_beam_exits_1_as_on_one_machine(request, tmp_path, input
                        "--max_failure_fraction=0.1", "--beam", "--", *IN_PROCESS)
     assert run.returncode == 1, run.stderr
     assert message in run.stderr and "_corrupt: cannot read" in run.stderr
+
+
+def test_warnings_about_defective_files_reach_the_summary(tmp_path):
+    """An EgoDex file with empty intrinsics (ml-egodex issue 10) beside a sound one: Beam's
+    summary names it with the warning the single-machine conversion gives."""
+    from test_egodex import OPTIONS as EGODEX_OPTIONS, write_episode
+
+    write_episode(tmp_path / "in", "part1/a/0")
+    defective = write_episode(tmp_path / "in", "part1/a/1", replace={"camera/intrinsic": np.zeros((0, 3))})
+    single = convert.convert("egodex", str(tmp_path / "in"), str(tmp_path / "single"), EGODEX_OPTIONS, shards=1)
+    summary = convert_with_beam("egodex", str(tmp_path / "in"), str(tmp_path / "beam"), EGODEX_OPTIONS, {}, 1,
+                                IN_PROCESS)
+    assert summary["warnings"] == single["warnings"] and list(summary["warnings"]) == [defective]
+    assert summary["episodes_with_warnings"] == 1 and "camera/intrinsic" in summary["warnings"][defective][0]

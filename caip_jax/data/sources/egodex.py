@@ -76,7 +76,8 @@ Text: for `llm_type == "reversible"` tasks (a task and its inverse sharing one f
 charge_uncharge_airpods) `which_llm_description` says which direction this episode did, and it is
 `llm_description` for "1", `llm_description2` for "2" (the rule of Apple's simple_dataset.py, as
 public copies quote it); other tasks use `llm_description`; older files fall back to
-`description`, then to the task name.
+`description`, then to the task name, which is also the text of a reversible task whose file
+lacks `which_llm_description` (see the defects above).
 """
 import logging
 import os
