@@ -30,6 +30,9 @@ def model_config(variant: str = "L/16") -> ml_collections.ConfigDict:
             ),
             dtype="bfloat16",  # compute dtype; parameters are always float32
             remat_policy="none",  # one of caip_jax.models.common.REMAT_POLICIES
+            # Each tower's blocks under nn.scan, parameters stacked [depth, ...]: XLA compiles one
+            # block, not depth of them (pod configs). Checkpoints hold the layout they trained with.
+            scan=False,
             t_init=math.log(10.0),  # log temperature of the sigmoid loss
             b_init=-10.0,
         )

@@ -24,6 +24,7 @@ LOGICAL_AXIS_RULES = (
     ("kv", None),
     ("length", None),
     ("norm", None),
+    ("layers", None),  # the stacked depth axis of scanned blocks: every device holds all layers' shards
 )
 
 

@@ -12,7 +12,6 @@ import numpy as np
 from caip_jax.models import common
 
 
-
 class ActionTransformer(nn.Module):
     """action [B, T, 2, 21, 9], action_mask [B, T, 2] -> action embedding [B, out_dim].
 
@@ -28,6 +27,7 @@ class ActionTransformer(nn.Module):
     out_dim: int
     dtype: common.Dtype = jnp.float32
     remat_policy: str = "none"
+    scan: bool = False  # the encoder's blocks under nn.scan (see common.Encoder)
 
     @nn.compact
     def __call__(self, action: jax.Array, action_mask: jax.Array) -> jax.Array:
@@ -54,7 +54,7 @@ class ActionTransformer(nn.Module):
         x = jnp.concatenate([cls, x + pos.astype(self.dtype)], axis=1)  # [B, 1 + T, W]
         x = common.activations(x)
         x = common.Encoder(
-            self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, name="Transformer"
+            self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, self.scan, name="Transformer"
         )(x)
         return nn.Dense(
             self.out_dim,

@@ -139,15 +139,9 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, int]:
 def model_from_config(config: ml_collections.ConfigDict) -> CAIP:
     """The CAIP module described by `config` (the `model` part of a run config)."""
     size = validate(config)
-    dtype, remat = DTYPES[config.dtype], config.remat_policy
-    tower = dict(
-        width=size["width"],
-        depth=size["depth"],
-        mlp_dim=size["mlp_dim"],
-        num_heads=size["num_heads"],
-        dtype=dtype,
-        remat_policy=remat,
-    )
+    # Run configs saved before model.scan existed describe per-block models.
+    encoder = dict(dtype=DTYPES[config.dtype], remat_policy=config.remat_policy, scan=config.get("scan", False))
+    tower = dict(width=size["width"], depth=size["depth"], mlp_dim=size["mlp_dim"], num_heads=size["num_heads"], **encoder)
     act = config.action
     return CAIP(
         img=ViT(patch_size=size["patch_size"], **tower),
@@ -158,13 +152,12 @@ def model_from_config(config: ml_collections.ConfigDict) -> CAIP:
             mlp_dim=act.mlp_dim,
             num_heads=act.num_heads,
             out_dim=size["width"],
-            dtype=dtype,
-            remat_policy=remat,
+            **encoder,
         ),
         pool=TextConditionedPool(
             num_heads=config.pool.num_heads or size["num_heads"],
             mlp_dim=config.pool.mlp_dim or size["mlp_dim"],
-            dtype=dtype,
+            dtype=encoder["dtype"],
         ),
         pad_id=config.text.pad_id,
         t_init=config.t_init,

@@ -1,7 +1,7 @@
 """Transformer pieces shared by the three towers and the pooling.
 
 Parameter names follow big_vision (`MlpBlock_0/Dense_0`, `MultiHeadDotProductAttention_0/query`,
-`encoderblock_{i}`, `encoder_norm`, `MAPHead_0/probe`) so SigLIP 2 checkpoints map onto them
+`encoderblock_{i}` or scanned `encoderblock`, `encoder_norm`, `MAPHead_0/probe`) so SigLIP 2 checkpoints map onto them
 by name. Every parameter carries logical axis names; `caip_jax.sharding` maps them to the mesh.
 Shapes: B batch, N tokens, Q queries, D width, H heads, K = D / H head width.
 """
@@ -132,38 +132,59 @@ class MultiHeadDotProductAttention(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + mlp(LN(x)). [B, N, D]."""
+    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + mlp(LN(x)). [B, N, D].
+
+    Returns (x, None): the carry and no per-block output, the signature nn.scan needs."""
 
     mlp_dim: int
     num_heads: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
         y = layer_norm(self.dtype)(x)
         y, _ = MultiHeadDotProductAttention(self.num_heads, self.dtype)(y, y)
         x = activations(x + y)
         y = layer_norm(self.dtype)(x)
         y = MlpBlock(self.mlp_dim, self.dtype)(y)
-        return activations(x + y)
+        return activations(x + y), None
 
 
 class Encoder(nn.Module):
-    """`depth` bidirectional blocks (no mask, as SigLIP), then the final LayerNorm. [B, N, D]."""
+    """`depth` bidirectional blocks (no mask, as SigLIP), then the final LayerNorm. [B, N, D].
+
+    Unscanned, the blocks are `encoderblock_{i}`; with `scan`, one `encoderblock` whose
+    parameters carry a leading [depth] axis (logical name "layers"), run by `nn.scan` so that
+    XLA compiles one block instead of `depth`: big_vision's two layouts, whose names
+    `caip_jax.models.layout` converts between.
+    """
 
     depth: int
     mlp_dim: int
     num_heads: int
     dtype: Dtype = jnp.float32
     remat_policy: str = "none"
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         block = Encoder1DBlock
         if self.remat_policy != "none":
-            block = nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[self.remat_policy])
-        for i in range(self.depth):
-            x = block(self.mlp_dim, self.num_heads, self.dtype, name=f"encoderblock_{i}")(x)
+            # Under scan, the loop boundary already keeps XLA from merging the recomputation
+            # into the forward pass, so CSE prevention would only cost (as in big_vision).
+            block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
+        if self.scan:
+            block = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = block(self.mlp_dim, self.num_heads, self.dtype, name="encoderblock")(x)
+        else:
+            for i in range(self.depth):
+                x, _ = block(self.mlp_dim, self.num_heads, self.dtype, name=f"encoderblock_{i}")(x)
         return layer_norm(self.dtype, name="encoder_norm")(x)
 
 

@@ -24,6 +24,7 @@ class TextTransformer(nn.Module):
     out_dim: int
     dtype: common.Dtype = jnp.float32
     remat_policy: str = "none"
+    scan: bool = False  # the encoder's blocks under nn.scan (see common.Encoder)
 
     @nn.compact
     def __call__(self, text: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -40,7 +41,7 @@ class TextTransformer(nn.Module):
             (1, length, d),
         )
         x = common.activations(x + pos.astype(self.dtype))
-        x = common.Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy)(x)
+        x = common.Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, self.scan)(x)
         pooled = nn.Dense(
             self.out_dim,
             dtype=self.dtype,

@@ -41,6 +41,7 @@ class ViT(nn.Module):
     patch_size: int
     dtype: common.Dtype = jnp.float32
     remat_policy: str = "none"
+    scan: bool = False  # the encoder's blocks under nn.scan (see common.Encoder)
 
     @nn.compact
     def __call__(self, image: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -64,7 +65,7 @@ class ViT(nn.Module):
         )
         x = common.activations(x + pos.astype(self.dtype))
         x = common.Encoder(
-            self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, name="Transformer"
+            self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, self.scan, name="Transformer"
         )(x)
         pooled, _ = common.MAPHead(self.num_heads, self.mlp_dim, self.dtype)(x)
         return x, pooled
