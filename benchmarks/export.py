@@ -116,7 +116,7 @@ def child_export(work: str) -> dict:
     and the resident set on either side of the read of the chunk that holds the largest tensor."""
     hf_dir = export_imports()
     from caip_jax.checkpoint import Checkpoints
-    from caip_jax.export import names
+    from caip_jax import torch_names as names
 
     doing, peak, around, done = ["start"], [0, None], {}, threading.Event()
     read_params, to_torch = Checkpoints.read_params, names.to_torch

@@ -65,7 +65,14 @@ def base_config(variant: str = "L/16") -> ml_collections.ConfigDict:
     # Device mesh: batch over data x fsdp, parameters over fsdp (and tensor); -1: the rest.
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     config.optim = optim.optim_config()
-    config.init = ml_collections.ConfigDict(dict(siglip2=""))  # SigLIP 2 .npz or HF directory
+    config.init = ml_collections.ConfigDict(
+        dict(
+            siglip2="",  # SigLIP 2 .npz or HF directory: the image and text towers start from it
+            # With siglip2, t and b from SigLIP 2's image-text training too; False: the SigLIP
+            # paper's start for a new pairing, model.t_init and model.b_init (log 10, -10).
+            siglip2_logit_scalars=False,
+        )
+    )
     config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
     config.log = ml_collections.ConfigDict(dict(every_steps=50))
     return config

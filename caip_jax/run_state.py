@@ -51,13 +51,14 @@ def abstract_params(run: Setup) -> Any:
     return with_shardings(nn.unbox(jax.eval_shape(run.init_fn, jax.random.key(0))), run.param_shardings)
 
 
-def initial_params(run: Setup, seed: int, siglip2_path: str = "") -> Any:
+def initial_params(run: Setup, seed: int, siglip2_path: str = "", siglip2_logit_scalars: bool = False) -> Any:
     """Random parameters created on their shards; with `siglip2_path`, the image and text towers
-    (and t, b) replaced by SigLIP 2's, each process reading only the slices its devices hold."""
+    (and t, b if `siglip2_logit_scalars`: config.init) replaced by SigLIP 2's, each process
+    reading only the slices its devices hold."""
     params, _ = sharding.sharded_init(run.init_fn, jax.random.key(seed), run.mesh)
     if not siglip2_path:
         return params
-    loaded = siglip2.init_from_siglip2(abstract_params(run), siglip2_path)
+    loaded = siglip2.init_from_siglip2(abstract_params(run), siglip2_path, load_loss_scalars=siglip2_logit_scalars)
     place = lambda value, current: (
         current
         if isinstance(value, jax.ShapeDtypeStruct)

@@ -22,7 +22,8 @@ from caip_jax.data import pipeline
 from caip_jax.export import hf_dir, safetensors_stream
 from caip_jax.export.hf.configuration_caip import CAIPConfig
 from caip_jax.export.hf.modeling_caip import CAIPModel
-from caip_jax.models import model_from_config
+from caip_jax.models import layout, model_from_config
+from caip_jax.models.summary import abstract_params
 
 # The paper's "Get started", as published; only REPO is set to the exported directory.
 SNIPPET = '''
@@ -69,6 +70,29 @@ def trained(record_set, tmp_path_factory):
     return config, workdir, out
 
 
+@pytest.fixture(scope="module")
+def trained_scanned(trained, tmp_path_factory):
+    """The trained parameters stacked into a checkpoint of the scanned model (model.scan), and
+    its export: (config, workdir, export dir)."""
+    config, workdir, _ = trained
+    config = config.copy_and_resolve_references()
+    config.model.scan = True
+    scanned_workdir = str(tmp_path_factory.mktemp("run_scanned"))
+    checkpoints = Checkpoints(scanned_workdir, asynchronous=False)
+    checkpoints.save(config.total_steps, traverse_util.unflatten_dict(layout.stack(checkpoint_params(workdir)), sep="/"),
+                     config=config)
+    checkpoints.close()
+    out = str(tmp_path_factory.mktemp("hf_scanned") / "caip-tiny")
+    hf_dir.export(scanned_workdir, out)
+    return config, scanned_workdir, out
+
+
+@pytest.fixture(params=["per_block", "scanned"])
+def exported(request, trained, trained_scanned):
+    """Each layout's run: (config, workdir, export dir)."""
+    return trained if request.param == "per_block" else trained_scanned
+
+
 def checkpoint_params(workdir):
     checkpoints = Checkpoints(workdir)
     step = checkpoints.latest_step()
@@ -111,8 +135,8 @@ def torch_outputs(model, batch):
     return {k: v.float().numpy() for k, v in out.items()}
 
 
-def test_torch_gives_the_jax_outputs(trained, record_set):
-    config, workdir, out = trained
+def test_torch_gives_the_jax_outputs(exported, record_set):
+    config, workdir, out = exported
     batch, params = inputs(config, record_set), checkpoint_params(workdir)
     expected = jax_outputs(config, params, batch)
     model = transformers.AutoModel.from_pretrained(out, trust_remote_code=True).eval()
@@ -141,8 +165,8 @@ def test_the_papers_snippet_runs_on_the_export(trained, tmp_path):
     assert shapes == dict(image_pooled=[1, d], patch_features=[1, n, d], text_tokens=[1, length, d], text_pooled=[1, d])
 
 
-def test_export_then_import_gives_back_identical_parameters(trained, tmp_path):
-    config, workdir, out = trained
+def test_export_then_import_gives_back_identical_parameters(exported, tmp_path):
+    config, workdir, out = exported
     hf_dir.import_torch(out, str(tmp_path / "back"))
     original, back = checkpoint_params(workdir), checkpoint_params(str(tmp_path / "back"))
     assert original.keys() == back.keys()
@@ -150,6 +174,59 @@ def test_export_then_import_gives_back_identical_parameters(trained, tmp_path):
         np.testing.assert_array_equal(back[name], original[name], err_msg=name)
     restored = Checkpoints(str(tmp_path / "back")).restore_config(0)
     assert restored.model.to_dict() == config.model.to_dict()
+
+
+def test_a_scanned_checkpoint_exports_the_same_directory(trained, trained_scanned):
+    for name in ("model.safetensors", "config.json"):
+        with open(os.path.join(trained[2], name), "rb") as a, open(os.path.join(trained_scanned[2], name), "rb") as b:
+            assert a.read() == b.read(), name
+
+
+def test_import_converts_an_export_to_the_configs_layout(trained, trained_scanned, tmp_path):
+    """A per-block run's export imported with model.scan=True holds the scanned run's very
+    parameters (and the other way round): the explicit conversion between the layouts."""
+    for source, target in ((trained, trained_scanned), (trained_scanned, trained)):
+        back = str(tmp_path / f"scan_{target[0].model.scan}")
+        hf_dir.import_torch(source[2], back, run=target[0])
+        expected, got = checkpoint_params(target[1]), checkpoint_params(back)
+        assert got.keys() == expected.keys()
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_a_checkpoint_of_the_other_layout_is_refused_by_name(trained, trained_scanned):
+    """Checkpoints hold the layout they were trained with; restoring one into the other layout
+    names the tensors (convert with export and import, as above)."""
+    config, _, _ = trained_scanned
+    checkpoints = Checkpoints(trained[1], asynchronous=False)
+    with pytest.raises(ValueError, match=r"missing from the checkpoint: \['img'\]\['Transformer'\]\['encoderblock'\]"):
+        checkpoints.check_shapes(config.total_steps, "params", abstract_params(config.model))
+    checkpoints.close()
+
+
+def test_torch_refuses_inputs_of_the_wrong_size(trained):
+    """As the Flax model does (its learned positions have one size): a text, action or image of
+    another length is an error naming the input and the size it must have, not cut to fit."""
+    config, _, out = trained
+    model = transformers.AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    m = config.model
+    size, length, horizon = m.image_size, m.text.length, m.action.horizon
+    image = torch.zeros(2, 3, size, size)
+    text = torch.ones(2, length, dtype=torch.long)
+    action, mask = torch.zeros(2, horizon, 2, 21, 9), torch.ones(2, horizon, 2, dtype=torch.bool)
+    model(pixel_values=image, input_ids=text, action=action, action_mask=mask)  # the right sizes pass
+    cases = [
+        (dict(input_ids=text[:, :-1]), rf"input_ids has shape \[2, {length - 1}\]; this model takes \[2, {length}\]"),
+        (dict(input_ids=torch.ones(2, length + 1, dtype=torch.long)), rf"input_ids has shape \[2, {length + 1}\]"),
+        (dict(input_ids=text[:1]), rf"input_ids has shape \[1, {length}\]; this model takes \[2, {length}\]: one text per image"),
+        (dict(action=action[:, :-1], action_mask=mask[:, :-1]),
+         rf"action has shape \[2, {horizon - 1}, 2, 21, 9\]; this model takes \[B, {horizon}, 2, 21, 9\]"),
+        (dict(action_mask=mask[:, :-1]), rf"action_mask has shape \[2, {horizon - 1}, 2\]; this model takes \[2, {horizon}, 2\]"),
+        (dict(pixel_values=torch.zeros(2, 3, size + 8, size + 8)), rf"pixel_values has shape \[2, 3, {size + 8}, {size + 8}\]"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(**dict(dict(pixel_values=image, input_ids=text, action=action, action_mask=mask), **change))
 
 
 def test_bfloat16_export_stays_close(trained, record_set, tmp_path):

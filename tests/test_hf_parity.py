@@ -1,5 +1,4 @@
 """The image and text towers and the pooling against Hugging Face / PyTorch references."""
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -9,21 +8,24 @@ from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionP
 
 import tiny
 from caip_jax.init import siglip2
-from caip_jax.models import dummy_inputs, model_from_config
+from caip_jax.models import model_from_config
 from caip_jax.models.caip import TextConditionedPool
+from caip_jax.models.summary import abstract_params
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def hf_and_caip():
-    """A randomised tiny HF SiglipModel and the CAIP params that hold its weights."""
+@pytest.fixture(scope="module", params=[False, True], ids=["per_block", "scanned"])
+def hf_and_caip(request):
+    """A randomised tiny HF SiglipModel and the CAIP params that hold its weights, with the
+    towers' blocks per block or scanned (`model.scan`)."""
     hf = tiny.random_hf_siglip(tiny.hf_siglip_config())
     config = tiny.tiny_model_config()
-    model = model_from_config(config)
-    params = nn.unbox(model.init(jax.random.key(0), **dummy_inputs(config))["params"])
+    config.scan = request.param
+    rng = np.random.default_rng(0)  # the action tower and the pooling: random, of their shapes
+    params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), abstract_params(config))
     flat = siglip2.from_hf_state_dict(tiny.state_dict_numpy(hf), num_heads=tiny.HEADS)
-    return hf, model, siglip2.replace_towers(params, flat)
+    return hf, model_from_config(config), siglip2.replace_towers(params, flat)
 
 
 def test_towers_match_hf_siglip(hf_and_caip):

@@ -1,20 +1,26 @@
-"""Importing SigLIP 2 checkpoints (Hugging Face directories, big_vision .npz) into CAIP."""
+"""Importing SigLIP 2 checkpoints (Hugging Face directories, big_vision .npz in either layout)
+into CAIP, per block or scanned."""
+import math
+
 import jax
 import numpy as np
 import pytest
 import torch
 
 import tiny
+import tiny_run_config
+from caip_jax import run_state
 from caip_jax.init import siglip2
 from caip_jax.models import model_from_config
 from caip_jax.models.summary import abstract_params
 
 
-@pytest.fixture(scope="module")
-def caip():
-    """The tiny CAIP model and random params of its shapes (from shapes alone: compiling
-    `model.init` would take most of this file's time)."""
+@pytest.fixture(scope="module", params=[False, True], ids=["per_block", "scanned"])
+def caip(request):
+    """The tiny CAIP model, its blocks per block or scanned (`model.scan`), and random params of
+    its shapes (from shapes alone: compiling `model.init` would take most of this file's time)."""
     config = tiny.tiny_model_config()
+    config.scan = request.param
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), abstract_params(config))
     return model_from_config(config), params
@@ -132,17 +138,35 @@ def test_hf_directory_gives_hf_features(hf_dir, caip):
     model, init = caip
     params = siglip2.init_from_siglip2(init, directory)
     tiny.assert_towers_match_hf(hf, model, params)
-    np.testing.assert_allclose(params["t"], hf.logit_scale.item(), rtol=1e-6)
-    np.testing.assert_allclose(params["b"], hf.logit_bias.item(), rtol=1e-6)
-    for part in ("act", "pool"):
+    for part in ("act", "pool", "t", "b"):
         jax.tree.map(np.testing.assert_array_equal, params[part], init[part])
 
 
-def test_loss_scalars_kept_when_not_asked_for(hf_dir, caip):
-    _, directory = hf_dir
+def test_loss_scalars_taken_when_asked_for(hf_dir, caip):
+    hf, directory = hf_dir
     _, init = caip
-    params = siglip2.init_from_siglip2(init, directory, load_loss_scalars=False)
-    assert (params["t"], params["b"]) == (init["t"], init["b"])
+    params = siglip2.init_from_siglip2(init, directory, load_loss_scalars=True)
+    np.testing.assert_allclose(params["t"], hf.logit_scale.item(), rtol=1e-6)
+    np.testing.assert_allclose(params["b"], hf.logit_bias.item(), rtol=1e-6)
+
+
+def test_a_run_starts_t_and_b_at_the_papers_values_unless_configured(hf_dir):
+    """Step 0 with SigLIP 2's towers: t = log 10 and b = -10, the SigLIP paper's start for a new
+    pairing (model.t_init, model.b_init); SigLIP 2's own, learned for image-text pairs, only
+    with init.siglip2_logit_scalars."""
+    hf, directory = hf_dir
+    hf_t, hf_b = hf.logit_scale.item(), hf.logit_bias.item()
+    assert abs(hf_t - math.log(10)) > 0.1 and abs(hf_b + 10) > 0.1, "the reference must differ from the paper's start"
+    config = tiny_run_config.get_config()
+    config.model.text.vocab_size = tiny.VOCAB  # the HF model's
+    config.init.siglip2 = directory
+    config.mesh.update(data=1, fsdp=1)
+    run = run_state.setup(config, jax.devices()[:1])
+    for logit_scalars, expected in ((False, (math.log(10), -10.0)), (True, (hf_t, hf_b))):
+        config.init.siglip2_logit_scalars = logit_scalars
+        params = run_state.initial_params(run, config.seed, config.init.siglip2, config.init.siglip2_logit_scalars)
+        np.testing.assert_allclose([params["t"], params["b"]], expected, rtol=1e-6, err_msg=str(logit_scalars))
+        np.testing.assert_array_equal(params["txt"]["head"]["bias"], hf.text_model.head.bias.detach().numpy())
 
 
 def test_sharded_hf_directory_loads_like_one_file(hf_dir, tmp_path):
@@ -156,16 +180,20 @@ def test_sharded_hf_directory_loads_like_one_file(hf_dir, tmp_path):
 
 
 @pytest.mark.parametrize("scanned", [False, True], ids=["per_block", "scanned"])
-def test_big_vision_npz_gives_the_hf_params(hf_dir, tmp_path, scanned):
+def test_big_vision_npz_gives_the_hf_params(hf_dir, tmp_path, scanned, caip):
+    """Either npz layout into either model layout: the very parameters of the HF directory."""
     hf, directory = hf_dir
+    _, init = caip
     arrays = big_vision_arrays(hf, scanned)
     # A training checkpoint's optimizer state is not weights: skipped, not refused.
     arrays["opt/mu/img/embedding/kernel"] = np.zeros(3, np.float32)
-    from_npz = siglip2.load_siglip2(save_npz(tmp_path / "siglip2.npz", arrays))
-    from_hf = siglip2.load_siglip2(directory)
+    npz = save_npz(tmp_path / "siglip2.npz", arrays)
+    from_npz, from_hf = siglip2.load_siglip2(npz), siglip2.load_siglip2(directory)
     assert sorted(from_npz) == sorted(from_hf)
     for name in from_hf:
         np.testing.assert_array_equal(from_npz[name], from_hf[name], err_msg=name)
+    params_npz, params_hf = (siglip2.init_from_siglip2(init, path, load_loss_scalars=True) for path in (npz, directory))
+    jax.tree.map(np.testing.assert_array_equal, params_npz, params_hf)
 
 
 def test_smaller_grid_is_resized_bilinearly_with_a_warning(tmp_path, caip):
@@ -208,6 +236,10 @@ def test_missing_and_unknown_npz_tensors_are_refused_by_name(hf_dir, tmp_path, c
     del arrays["params/txt/head/bias"]
     with pytest.raises(ValueError, match=r"missing from the checkpoint: \['txt/head/bias'\]"):
         siglip2.init_from_siglip2(init, save_npz(tmp_path / "missing.npz", arrays))
+    arrays = big_vision_arrays(hf)
+    del arrays["params/img/Transformer/encoderblock_0/LayerNorm_0/scale"]
+    with pytest.raises(ValueError, match=r"\['img/Transformer/encoderblock_0/LayerNorm_0/scale'\]"):
+        siglip2.init_from_siglip2(init, save_npz(tmp_path / "missing_block.npz", arrays))
     arrays = {**big_vision_arrays(hf), "params/head/kernel": np.zeros((32, 10), np.float32)}
     with pytest.raises(ValueError, match=r"no place for: \['head/kernel'\]"):
         siglip2.load_npz(save_npz(tmp_path / "classifier.npz", arrays))

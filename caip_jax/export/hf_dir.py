@@ -18,12 +18,13 @@ import numpy as np
 import safetensors
 
 from caip_jax import config as caip_config
-from caip_jax import train
+from caip_jax import torch_names, train
 from caip_jax.checkpoint import Checkpoints
-from caip_jax.export import names, safetensors_stream
+from caip_jax.export import safetensors_stream
 from caip_jax.export.hf.configuration_caip import CAIPConfig
 from caip_jax.export.hf.processing_caip import CAIPProcessor
 from caip_jax.init.siglip2 import replace_towers
+from caip_jax.models import layout
 from caip_jax.models.caip import tower_size
 from caip_jax.models.summary import abstract_params
 from caip_jax.models.vit import SIZES
@@ -82,9 +83,15 @@ def head_counts(model: ml_collections.ConfigDict) -> dict[str, int]:
     return dict(tower=hf["num_attention_heads"], action=hf["action_num_attention_heads"], pool=hf["pool_num_attention_heads"])
 
 
-def _chunks(names_: list[str], nbytes: dict[str, int], budget: int):
+def torch_tensors(name: str, value) -> dict:
+    """One stored CAIP parameter (of one block, or scanned: all blocks stacked) -> its PyTorch
+    tensors by state-dict name, one per block."""
+    return {torch_names.torch_name(n): torch_names.to_torch(n, v) for n, v in layout.unstack({name: value}).items()}
+
+
+def _chunks(names: list[str], nbytes: dict[str, int], budget: int):
     chunk, total = [], 0
-    for name in names_:
+    for name in names:
         if chunk and total + nbytes[name] > budget:
             yield chunk
             chunk, total = [], 0
@@ -98,7 +105,8 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
     """Writes the Hugging Face directory `out` from checkpoint `step` (default: the latest) of
     `workdir`. Reads the parameters a few at a time (never the optimizer state), on any host,
     whatever mesh trained them: memory peaks while the largest tensor is read, compressed and
-    decoded (about 0.85x the model for L/16 in float32; benchmarks/RESULTS.md). `tokenizer`
+    decoded (about 0.85x the model for L/16 in float32; benchmarks/RESULTS.md). Per-block and
+    scanned checkpoints (model.scan) of the same parameters write the same bytes. `tokenizer`
     overrides the run's data.tokenizer. Returns what was written: step, tensors, bytes, seconds."""
     start = time.perf_counter()
     if dtype not in safetensors_stream.DTYPES:
@@ -115,15 +123,19 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
         )
     checkpoints.check_shapes(step, "params", abstract_params(run.model))
     stored = checkpoints.param_metadata(step)
-    # Shapes in PyTorch's layout, from the metadata alone.
-    torch_shape = lambda n, m: jax.eval_shape(lambda x: names.to_torch(n, x), jax.ShapeDtypeStruct(m.shape, m.dtype)).shape
-    specs = {names.torch_name(n): (torch_shape(n, m), dtype) for n, m in stored.items()}
+    # Blocks in one order whichever layout stored them, so that both write the same file.
+    order = sorted(stored, key=layout.block_order)
+    specs = {}  # shapes in PyTorch's layout, from the metadata alone
+    for name in order:
+        shapes = jax.eval_shape(lambda x: torch_tensors(name, x), jax.ShapeDtypeStruct(stored[name].shape, stored[name].dtype))
+        specs.update({n: (s.shape, dtype) for n, s in shapes.items()})
     nbytes = {n: int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for n, m in stored.items()}
 
     def tensors():
-        for chunk in _chunks(list(stored), nbytes, READ_BYTES):
-            for name, value in checkpoints.read_params(step, chunk).items():
-                yield names.torch_name(name), names.to_torch(name, value)
+        for chunk in _chunks(order, nbytes, READ_BYTES):
+            values = checkpoints.read_params(step, chunk)
+            for name in chunk:
+                yield from torch_tensors(name, values[name]).items()
 
     os.makedirs(out, exist_ok=True)
     size = safetensors_stream.save(os.path.join(out, "model.safetensors"), specs, tensors(), metadata={"format": "pt"})
@@ -146,8 +158,10 @@ def import_torch(hf_dir: str, workdir: str, run: ml_collections.ConfigDict | Non
     from the Hugging Face directory `hf_dir` that `export` wrote, fine-tuned or not.
 
     The run config is `run`, else the directory's caip_config.json, else the defaults; its model
-    sizes always come from config.json. Every tensor must fit, named otherwise. bfloat16
-    weights become float32 (CAIP's parameters are float32)."""
+    sizes always come from config.json, and its model.scan chooses the parameter layout (so an
+    export and an import with the other model.scan convert a run between the layouts). Every
+    tensor must fit, named otherwise. bfloat16 weights become float32 (CAIP's parameters are
+    float32)."""
     if run is None:
         path = os.path.join(hf_dir, RUN_CONFIG)
         run = caip_config.base_config()
@@ -163,7 +177,7 @@ def import_torch(hf_dir: str, workdir: str, run: ml_collections.ConfigDict | Non
     flat = {}
     with safetensors.safe_open(os.path.join(hf_dir, "model.safetensors"), framework="pt") as f:
         for name in f.keys():
-            flat.update(names.to_caip({name: f.get_tensor(name).float().numpy()}, heads))
+            flat.update(torch_names.to_caip({name: f.get_tensor(name).float().numpy()}, heads))
     params = replace_towers(abstract_params(run.model), flat, towers=PARTS, source=f"{hf_dir}/model.safetensors")
     checkpoints.save(0, params, config=run)
     checkpoints.close()

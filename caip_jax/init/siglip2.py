@@ -5,14 +5,15 @@ Two sources, both read by `load_siglip2` into one flat naming ('img/embedding/ke
 - big_vision `.npz` checkpoints (gs://big_vision/siglip2/*.npz, the `-jax` Hugging Face repos):
   flat keys joined with '/', `params/img/...`, `params/txt/...`, `params/t`, `params/b`. The
   names are already CAIP's (CAIP keeps big_vision's); files saved with `scan=True` hold each
-  tower's blocks as one `encoderblock/...` array with a leading depth axis, unscanned here.
+  tower's blocks as one `encoderblock/...` array with a leading depth axis, unstacked here.
 - Hugging Face directories of the fixed-resolution releases (`SiglipModel`, config.json +
-  model.safetensors), converted by the name table of `caip_jax.export.names` (which the
+  model.safetensors), converted by the name table of `caip_jax.torch_names` (which the
   PyTorch export shares); the vision MAP head's `nn.MultiheadAttention` packs query, key and
   value into one `in_proj_weight`, split here first.
 
-`init_from_siglip2` puts them into a CAIP parameter tree, resizing the image position grid
-when the config's resolution differs from the checkpoint's.
+Both give the per-block layout; `replace_towers` puts them into a CAIP parameter tree of either
+layout (`model.scan`), and `init_from_siglip2` also resizes the image position grid when the
+config's resolution differs from the checkpoint's.
 """
 import json
 import math
@@ -27,7 +28,8 @@ import scipy.ndimage
 import transformers
 from flax import traverse_util
 
-from caip_jax.export import names
+from caip_jax import torch_names
+from caip_jax.models import layout
 
 
 def _split_packed_attention(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -51,18 +53,23 @@ def from_hf_state_dict(state: Mapping[str, np.ndarray], num_heads: int) -> dict[
     that no rule knows are refused by name: a silently dropped tensor would leave a tower
     half-initialised.
     """
-    return names.to_caip(_split_packed_attention(state), {"tower": num_heads})
+    return torch_names.to_caip(_split_packed_attention(state), {"tower": num_heads})
 
 
 def replace_towers(params: Mapping, flat: Mapping[str, np.ndarray], towers=("img", "txt"),
                    source: str = "The SigLIP checkpoint") -> dict:
-    """`params` (a nested CAIP tree) with every tensor of `flat` put in place.
+    """`params` (a nested CAIP tree) with every tensor of `flat` put in place, converted to the
+    layout of `params` (per block or scanned, see `caip_jax.models.layout`) whichever `flat` has.
 
     Every leaf under `towers` must be given, every given tensor must exist in `params` with the
     same shape; otherwise the error names each offending tensor. Other leaves (the action
     tower, the pooling) are kept as they are.
     """
     current = traverse_util.flatten_dict(params, sep="/")
+    try:
+        flat = layout.to_layout(flat, layout.is_scanned(current))
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
     missing = sorted(k for k in current if k.split("/")[0] in towers and k not in flat)
     unexpected = sorted(k for k in flat if k not in current)
     mismatched = sorted(
@@ -89,14 +96,6 @@ def replace_towers(params: Mapping, flat: Mapping[str, np.ndarray], towers=("img
 _SIGLIP_PARTS = ("img", "txt", "t", "b")
 
 
-def _unscan(name: str, value: np.ndarray) -> dict[str, np.ndarray]:
-    """'.../encoderblock/...' [depth, ...] (big_vision's scan=True layout) -> one
-    '.../encoderblock_{i}/...' entry per block; any other tensor is returned as it is."""
-    if "/encoderblock/" not in name:
-        return {name: value}
-    return {name.replace("/encoderblock/", f"/encoderblock_{i}/"): block for i, block in enumerate(value)}
-
-
 def load_npz(path: str) -> dict[str, np.ndarray]:
     """A big_vision SigLIP (2) `.npz` -> flat CAIP parameters ('img/...', 'txt/...', 't', 'b').
 
@@ -115,9 +114,7 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
             f"{path}: tensors outside img/, txt/, t and b that CAIP has no place for: {unknown}. "
             "Use a SigLIP (image-text) checkpoint, or remove these entries from the file"
         )
-    flat = {}
-    for name, value in params.items():
-        flat.update(_unscan(name, value))
+    flat = layout.unstack(params)
     return {k: v.reshape(()) if k in ("t", "b") and v.size == 1 else v for k, v in flat.items()}
 
 
@@ -214,10 +211,15 @@ def _fit_positions(flat: Mapping[str, np.ndarray], params: Mapping) -> dict[str,
     return flat
 
 
-def init_from_siglip2(params: Mapping, path: str, *, load_loss_scalars: bool = True) -> dict:
-    """`params` (a nested CAIP tree) with `img/` and `txt/` taken from the SigLIP 2 checkpoint at
-    `path` (a big_vision .npz or a Hugging Face directory), and `t`, `b` too if
-    `load_loss_scalars`; the action tower and the pooling keep their values.
+def init_from_siglip2(params: Mapping, path: str, *, load_loss_scalars: bool = False) -> dict:
+    """`params` (a nested CAIP tree, per block or scanned) with `img/` and `txt/` taken from the
+    SigLIP 2 checkpoint at `path` (a big_vision .npz or a Hugging Face directory); the action
+    tower and the pooling keep their values.
+
+    `t` and `b` keep theirs too (model.t_init, model.b_init: the SigLIP paper's start for a new
+    pairing, t = log 10, b = -10), since SigLIP 2's were learned for image-text pairs, not for
+    image-action ones; `load_loss_scalars` takes SigLIP 2's instead
+    (config.init.siglip2_logit_scalars).
 
     An image position grid of another size is resized to the model's (with a warning). Missing,
     unexpected or mis-shaped tensors are refused by name (see `replace_towers`).

@@ -223,6 +223,16 @@ class TextConditionedPool(nn.Module):
         return pooled[:, 0], stage1, stage2[:, :, 0]
 
 
+def _require_shape(name: str, tensor: torch.Tensor, expected: tuple, fix: str) -> None:
+    """Refuses `tensor` unless its shape is `expected` (None: any size, the batch). Positions are
+    learned for one text length, horizon and image size: another would otherwise be cut to fit
+    or fail deep inside, where the Flax model refuses it."""
+    got = tuple(tensor.shape)
+    if len(got) != len(expected) or any(e is not None and g != e for g, e in zip(got, expected)):
+        wanted = ", ".join("B" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name} has shape {list(got)}; this model takes [{wanted}]: {fix}")
+
+
 class CAIPModel(PreTrainedModel):
     config_class = CAIPConfig
     base_model_prefix = "caip"
@@ -252,6 +262,12 @@ class CAIPModel(PreTrainedModel):
     def get_image_features(self, pixel_values, input_ids, output_attentions: bool = False) -> CAIPOutput:
         """Everything but the action: image_pooled, patch_features, text_tokens, text_pooled,
         image_map (and both pooling attention maps with output_attentions)."""
+        c = self.config
+        _require_shape("pixel_values", pixel_values, (None, 3, c.image_size, c.image_size),
+                       f"resize images to {c.image_size}x{c.image_size} (config.image_size), as CAIPProcessor does")
+        _require_shape("input_ids", input_ids, (pixel_values.shape[0], c.text_length),
+                       f"one text per image, padded or truncated to {c.text_length} ids (config.text_length), "
+                       "as CAIPProcessor does")
         patch_features, image_map = self.vision_model(pixel_values)
         text_tokens, text_pooled = self.text_model(input_ids)
         image_pooled, stage1, stage2 = self.pooling(patch_features, text_tokens, input_ids != self.config.pad_token_id)
@@ -267,6 +283,13 @@ class CAIPModel(PreTrainedModel):
 
     def get_action_features(self, action, action_mask):
         """action [B, T, 2, 21, 9], action_mask [B, T, 2] -> action_embedding [B, D]."""
+        c = self.config
+        steps = (c.action_horizon, c.num_hands)
+        _require_shape("action", action, (None, *steps, c.num_keypoints, c.features_per_keypoint),
+                       f"chunks of {c.action_horizon} steps (config.action_horizon) of {c.num_hands} hands x "
+                       f"{c.num_keypoints} keypoints x {c.features_per_keypoint} features")
+        _require_shape("action_mask", action_mask, (action.shape[0], *steps),
+                       "one True/False per action step and hand (True where the hand is present)")
         return self.action_model(action, action_mask)
 
     def forward(self, pixel_values, input_ids, action=None, action_mask=None, output_attentions=None):

@@ -1,8 +1,9 @@
 """CAIP parameter names <-> PyTorch state-dict names, in both directions.
 
 The PyTorch side keeps Hugging Face `SiglipModel`'s names for the image and text towers, so one
-table serves the SigLIP 2 import (HF -> CAIP) and the PyTorch export of a whole CAIP (CAIP -> HF)
-and its way back. The action tower (`action_model.`) and the two pooling stages (`pooling.`)
+table serves the SigLIP 2 import (`init/`: HF -> CAIP) and the PyTorch export of a whole CAIP
+(`export/`: CAIP -> HF) and its way back. CAIP names are per block ('encoderblock_{i}'):
+scanned parameters go through `caip_jax.models.layout` first. The action tower (`action_model.`) and the two pooling stages (`pooling.`)
 extend the same conventions. Layout differences, per tensor:
 
 - Linear weights are [out, in] in PyTorch, kernels [in, out] in Flax.
