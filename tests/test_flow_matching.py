@@ -37,7 +37,7 @@ def samples(tmp_path_factory) -> dict[str, np.ndarray]:
     out = {}
     for head in ("flow", "mse"):
         policy = fitted(head, str(tmp_path_factory.mktemp(head)))
-        out[head] = policy.act(np.zeros((n, 1, 1)), np.zeros((n, 1)), np.zeros(n, np.int32), jax.random.key(1))[:, 0]
+        out[head] = policy.act(np.zeros((n, 1, 1)), np.zeros((n, 1)), np.zeros(n, np.int32), train.key(1))[:, 0]
     return out
 
 
