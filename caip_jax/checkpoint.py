@@ -1,11 +1,16 @@
-"""Orbax checkpoints of a CAIP run: `params`, `opt_state`, the data iterator (`data`) and the
-resolved `config`, one orbax item each, under WORKDIR/checkpoints/<step>/.
+"""Orbax checkpoints of a CAIP run: `params`, `opt_state`, the data iterator (`data`), the
+resolved `config`, the run's counters (`progress`) and the action normalisation statistics
+(`action_stats`), one orbax item each, under WORKDIR/checkpoints/<step>/.
 
 Items are separate so that readers take only what they need: the PyTorch export and the
-evaluation restore `params` alone, and a checkpoint written by `caip-import-siglip2` (step 0,
-params and config only) is a valid start for `caip-train`, which then creates the optimizer
-state. Every process of a multi-host run calls the same methods; orbax coordinates the writes.
+evaluation restore `params` alone. Training restores a step whole or not at all
+(`restore_run`): a step with a missing or unreadable item is reported by name and the step
+before it is used, so a run never continues with a fresh optimizer or iterator by accident.
+The one deliberate exception is a step written by an import (`save_import`: params and config,
+marked as imported), from which `caip-train` starts with a new optimizer state and iterator.
+Every process of a multi-host run calls the same methods; orbax coordinates the writes.
 """
+import logging
 import os
 from typing import Any
 
@@ -15,15 +20,36 @@ import ml_collections
 import numpy as np
 from etils import epath
 from flax import traverse_util
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 PyTree = Any
-ITEMS = {"params", "opt_state", "data", "config", "progress"}
+# What a run needs to continue exactly; `restore_run` accepts no step without all of them.
+RUN_ITEMS = ("params", "opt_state", "data", "config", "progress", "action_stats")
+ITEMS = set(RUN_ITEMS)
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint does not fit the config (another model): no earlier step would either."""
+
+
+class UnusableStep(Exception):
+    """A step that cannot be restored whole: an item missing, or its files unreadable."""
+
+
+def _everywhere(ok: bool) -> bool:
+    """True only if `ok` on every process, so that all fall back to the same step."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.process_allgather(np.int32(ok)).all())
 
 
 def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    """Leaf paths ("['img']['embedding']['kernel']") -> shapes; a namedtuple field and the dict
+    key orbax stores it under give the same path."""
+    name = lambda key: repr(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+    return {"".join(f"[{name(k)}]" for k in path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 class Checkpoints:
@@ -46,6 +72,7 @@ class Checkpoints:
                 data=grain.checkpoint.CheckpointHandler(),
                 config=ocp.JsonCheckpointHandler(),
                 progress=ocp.JsonCheckpointHandler(),
+                action_stats=ocp.JsonCheckpointHandler(),
             ),
         )
 
@@ -59,7 +86,10 @@ class Checkpoints:
     def check_shapes(self, step: int, item: str, abstract: PyTree) -> None:
         """Names every array whose shape differs between the checkpoint and `abstract`, before
         orbax would fail with a storage-level message."""
-        stored = _shapes(self._manager.item_metadata(step)[item].tree)
+        metadata = self._manager.item_metadata(step)[item]
+        if metadata is None:
+            raise UnusableStep(f"step {step}: the metadata of {item!r} is missing or unreadable ({item}/_METADATA)")
+        stored = _shapes(metadata.tree)
         wanted = _shapes(abstract)
         problems = [f"missing from the checkpoint: {k}" for k in wanted if k not in stored]
         problems += [f"not in the model: {k}" for k in stored if k not in wanted]
@@ -69,7 +99,7 @@ class Checkpoints:
             if k in stored and stored[k] != shape
         ]
         if problems:
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"The {item} of checkpoint step {step} in {self.directory} do not fit the config "
                 f"(was it written with another model config?): " + "; ".join(problems)
             )
@@ -82,9 +112,11 @@ class Checkpoints:
         data_iterator: Any = None,
         config: ml_collections.ConfigDict | None = None,
         progress: dict | None = None,
+        action_stats: dict | None = None,
     ) -> None:
         """Starts saving (asynchronously unless disabled); `wait` blocks until it is on disk.
-        `progress`: JSON counters of the run (e.g. samples seen per source)."""
+        `progress`: JSON counters of the run (e.g. samples seen per source); `action_stats`:
+        the action normalisation the run trains with (JSON)."""
         args = dict(params=ocp.args.StandardSave(params))
         if opt_state is not None:
             args["opt_state"] = ocp.args.StandardSave(opt_state)
@@ -94,33 +126,81 @@ class Checkpoints:
             args["config"] = ocp.args.JsonSave(config.to_dict())
         if progress is not None:
             args["progress"] = ocp.args.JsonSave(progress)
+        if action_stats is not None:
+            args["action_stats"] = ocp.args.JsonSave(action_stats)
         self._manager.save(step, args=ocp.args.Composite(**args), force=True)
 
-    def restore(
-        self,
-        step: int,
-        abstract_params: PyTree,
-        abstract_opt_state: PyTree | None = None,
-        data_iterator: Any = None,
-    ) -> dict[str, Any]:
-        """Restores `params` (and `opt_state`, and the iterator in place, when given; and
-        `progress` if stored) at `step`.
+    def save_import(self, params: PyTree, config: ml_collections.ConfigDict, source: str) -> None:
+        """Step 0 of a new run from imported weights (`source`): params and config only, marked
+        as imported, so that `restore_run` takes it as a start rather than an incomplete step."""
+        if self.latest_step() is not None:
+            raise ValueError(f"{self.directory} already holds step {self.latest_step()}: use a new workdir")
+        self.save(0, params, config=config, progress=dict(imported_from=source))
 
-        The abstract trees (jax.ShapeDtypeStruct with shardings, e.g. from `jax.eval_shape`)
-        say where each array goes: a checkpoint restores onto any mesh. A tree whose shapes
-        differ from the checkpoint's is refused by orbax, naming the array.
+    def restore(self, step: int, abstract_params: PyTree) -> dict[str, Any]:
+        """`params` of `step` alone (a deliberate partial restore: evaluation, export, tests).
+
+        The abstract tree (jax.ShapeDtypeStruct with shardings, e.g. from `jax.eval_shape`)
+        says where each array goes: a checkpoint restores onto any mesh. A tree whose shapes
+        differ from the checkpoint's is refused, naming the array.
         """
-        stored = self.items(step)
         self.check_shapes(step, "params", abstract_params)
-        args = dict(params=ocp.args.StandardRestore(abstract_params))
-        if abstract_opt_state is not None and "opt_state" in stored:
-            args["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-        if data_iterator is not None and "data" in stored:
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        if "progress" in stored:
-            args["progress"] = ocp.args.JsonRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-        return {name: restored[name] for name in args}
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+        return {"params": self._manager.restore(step, args=args)["params"]}
+
+    def restore_run(
+        self, abstract_params: PyTree, abstract_opt_state: PyTree, data_iterator: Any
+    ) -> tuple[int, dict[str, Any]] | None:
+        """The newest step that restores whole: (step, items), or None if there is no step.
+
+        Steps are tried newest first. A step lacking one of RUN_ITEMS, or whose files cannot be
+        read (a truncated array, a deleted _METADATA), is reported with a warning naming the
+        step and why, and the step before it is tried. A step written by `save_import` gives
+        only `params` and `progress` (with `imported_from`). A checkpoint of another model
+        shape raises CheckpointMismatch at once. Raises RuntimeError if no step is usable.
+        """
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        problems = []
+        for step in steps:
+            try:
+                restored, reason = self._restore_whole(step, abstract_params, abstract_opt_state, data_iterator), ""
+            except CheckpointMismatch:
+                raise
+            except Exception as error:  # noqa: BLE001 -- any unreadable item makes the step unusable
+                restored, reason = None, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            if _everywhere(restored is not None):
+                if problems:
+                    logging.warning("restored step %d of %s instead (newer steps unusable: %s)", step, self.directory, "; ".join(problems))
+                return step, restored
+            reason = reason or "unreadable on another process"
+            logging.warning("checkpoint step %d in %s cannot be restored (%s); trying the step before", step, self.directory, reason)
+            problems.append(f"step {step}: {reason}")
+        if problems:
+            raise RuntimeError(
+                f"no checkpoint step in {self.directory} can be restored whole: " + "; ".join(problems)
+                + ". Restore the files, or move the directory away to start the run afresh"
+            )
+        return None
+
+    def _restore_whole(self, step, abstract_params, abstract_opt_state, data_iterator) -> dict[str, Any]:
+        stored = self.items(step)
+        progress = self.restore_json(step, "progress") or {}
+        if "imported_from" in progress:
+            return dict(self.restore(step, abstract_params), progress=progress)
+        missing = [item for item in RUN_ITEMS if item not in stored]
+        if missing:
+            raise UnusableStep(f"incomplete, no {', '.join(missing)}")
+        self.check_shapes(step, "params", abstract_params)
+        self.check_shapes(step, "opt_state", abstract_opt_state)
+        json_items = {name: ocp.args.JsonRestore() for name in ("config", "progress", "action_stats")}
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
+            **json_items,
+        )
+        restored = self._manager.restore(step, args=args)
+        return {name: restored[name] for name in RUN_ITEMS}
 
     def param_metadata(self, step: int) -> dict[str, Any]:
         """Flat parameter names ('img/embedding/kernel') -> orbax metadata (.shape, .dtype),
@@ -139,9 +219,14 @@ class Checkpoints:
         )
         return traverse_util.flatten_dict(restored, sep="/")
 
+    def restore_json(self, step: int, item: str) -> dict | None:
+        """The JSON item `item` (config, progress, action_stats) of `step`, or None if absent."""
+        if item not in self.items(step):
+            return None
+        return self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
     def restore_config(self, step: int) -> ml_collections.ConfigDict:
-        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return ml_collections.ConfigDict(restored["config"])
+        return ml_collections.ConfigDict(self.restore_json(step, "config"))
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

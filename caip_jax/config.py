@@ -1,4 +1,5 @@
 """Default run configuration. The files in configs/ start from here and set what differs."""
+import difflib
 import math
 
 import ml_collections
@@ -75,4 +76,30 @@ def base_config(variant: str = "L/16") -> ml_collections.ConfigDict:
     )
     config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
     config.log = ml_collections.ConfigDict(dict(every_steps=50))
+    # A non-finite loss, gradient norm or parameter: "stop" with an error naming the step (no
+    # checkpoint of it is written), or "skip" the update and count it, stopping after
+    # `max_consecutive` in a row.
+    config.nonfinite = ml_collections.ConfigDict(dict(policy="stop", max_consecutive=10))
+    # Compiled programs persist here ({workdir} is replaced), so a restart does not recompile;
+    # a shared path serves every run of the same program; "" turns it off.
+    config.compilation_cache = "{workdir}/compilation_cache"
     return config
+
+
+def unknown_field(config: ml_collections.ConfigDict, path: str) -> str | None:
+    """None if `path` ('model.text.length') names a field of `config`; else a message naming
+    the first unknown part, its full path and the closest valid names."""
+    node, parts = config, path.split(".")
+    for depth, part in enumerate(parts):
+        if isinstance(node, ml_collections.ConfigDict) and part in node:
+            node = node[part]
+            continue
+        parent = ".".join(["config", *parts[:depth]])
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"config.{path}: {parent} is a value ({node!r}), it has no field {part!r}"
+        names = list(node.keys())
+        initials = [n for n in names if "".join(w[0] for w in n.split("_") if w) == part]  # lr -> learning_rate
+        close = initials + [n for n in difflib.get_close_matches(part, names, n=3, cutoff=0.5) if n not in initials]
+        hint = f" did you mean {' or '.join(f'{parent}.{c}' for c in close)}?" if close else ""
+        return f"config.{path}: {parent} has no field {part!r};{hint} its fields: {', '.join(sorted(names))}"
+    return None

@@ -1,6 +1,7 @@
 """Training metrics to the console (progress bar), TensorBoard and WORKDIR/metrics.jsonl, from
 process 0 only; and the devices' peak FLOP/s for MFU."""
 import json
+import math
 import os
 
 import jax
@@ -29,6 +30,11 @@ def peak_flops_per_device(device: jax.Device) -> float | None:
     return PEAK_FLOPS[max(names, key=len)] if names else None
 
 
+def finite_or_none(metrics: dict) -> dict:
+    """NaN and infinities as null: metrics.jsonl stays JSON (json.dumps would write bare NaN)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+
+
 class MetricsLog:
     """Writes one dict of scalars per logged step; does nothing on processes other than 0."""
 
@@ -44,7 +50,7 @@ class MetricsLog:
         if not self.enabled:
             return
         step = metrics["step"]
-        self._jsonl.write(json.dumps(metrics) + "\n")
+        self._jsonl.write(json.dumps(finite_or_none(metrics), allow_nan=False) + "\n")
         self._jsonl.flush()
         for name, value in metrics.items():
             if name != "step" and isinstance(value, (int, float)):

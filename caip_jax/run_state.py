@@ -4,6 +4,7 @@ state, and the action normalisation. Training, evaluation and ahead-of-time comp
 the devices are those of a TPU topology this host does not have) all build a run here.
 """
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,8 +38,10 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     mesh = sharding.make_mesh(config.mesh, devices)
     inputs = dummy_inputs(config.model)
     init_fn = lambda rng: model.init(rng, **inputs)["params"]
-    shardings = sharding.param_shardings(jax.eval_shape(init_fn, jax.random.key(0)), mesh)
-    return Setup(model, mesh, shardings, init_fn)
+    boxed = jax.eval_shape(init_fn, jax.random.key(0))
+    sharding.check_batch(config.batch_size, mesh)
+    sharding.check_divisible(boxed, mesh)
+    return Setup(model, mesh, sharding.param_shardings(boxed, mesh), init_fn)
 
 
 def with_shardings(shapes: Any, shardings: Any) -> Any:
@@ -81,6 +84,12 @@ class Optimizer:
 def optimizer(config: ml_collections.ConfigDict, run: Setup) -> Optimizer:
     """`config.optim` over `config.total_steps`, its state split like the parameters of `run`."""
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    if config.nonfinite.policy == "skip":
+        # Never apply a non-finite update; the training loop counts them and stops after
+        # config.nonfinite.max_consecutive in a row, so optax's own give-up count is not reached.
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)
+    elif config.nonfinite.policy != "stop":
+        raise ValueError(f"config.nonfinite.policy={config.nonfinite.policy!r} is not 'stop' or 'skip'")
     params = abstract_params(run)
     shardings = optim.state_shardings(tx, params, run.param_shardings, sharding.replicated(run.mesh))
     abstract = with_shardings(jax.eval_shape(tx.init, params), shardings)
@@ -101,12 +110,65 @@ def action_stats(config: ml_collections.ConfigDict) -> tuple[list[pipeline.Sourc
     shape = (len(sources), NUM_HANDS, NUM_KEYPOINTS, FEATURES_PER_KEYPOINT)
     mean, std = np.zeros(shape, np.float32), np.ones(shape, np.float32)
     if data.normalize:
+        for source in sources:
+            check_horizon(source.path, config.model.action.horizon)
         stats = [read_stats(s.path) for s in sources]
         if data.stats == "mixture":
             stats = [pipeline.mixture_stats(stats, [s.weight for s in sources])] * len(sources)
         mean[:] = [st[data.delta]["mean"] for st in stats]
         std[:] = [st[data.delta]["std"] for st in stats]
     return sources, mean, std
+
+
+def check_horizon(path: str, horizon: int) -> None:
+    """stats.json describes chunks of the horizon the records were converted with: normalising
+    another horizon's chunks with them would be silently wrong."""
+    try:
+        converted = records.read_json(path, "summary.json")["options"]["horizon"]
+    except (FileNotFoundError, KeyError):
+        return  # a record set made without caip-make-records' summary: nothing to compare
+    if converted != horizon:
+        raise pipeline.DataConfigError(
+            f"data.train: {path!r} was converted with horizon {converted} (summary.json) and its stats.json "
+            f"describe {converted}-step chunks, but model.action.horizon={horizon}: convert again with "
+            f"caip-make-records --horizon {horizon}, or set model.action.horizon={converted}"
+        )
+
+
+def stats_to_json(config: ml_collections.ConfigDict, sources: list[pipeline.Source], mean, std) -> dict:
+    """The action normalisation of a run, as its checkpoints and exports keep it."""
+    return dict(
+        delta=config.data.delta,
+        horizon=config.model.action.horizon,
+        normalize=config.data.normalize,
+        stats=config.data.stats,
+        sources={s.name: dict(mean=np.asarray(m).tolist(), std=np.asarray(d).tolist()) for s, m, d in zip(sources, mean, std)},
+    )
+
+
+def stats_from_checkpoint(stored: dict, config, sources, mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """The checkpoint's action mean and std [S, 2, 21, 9]: a resumed run keeps the action space
+    it started with, even if the record sets' stats.json (`mean`, `std`) changed since."""
+    names = [s.name for s in sources]
+    if list(stored["sources"]) != names or stored["delta"] != config.data.delta or stored["horizon"] != config.model.action.horizon:
+        raise pipeline.DataConfigError(
+            f"the checkpoint was trained on sources {list(stored['sources'])} with data.delta={stored['delta']!r}, "
+            f"model.action.horizon={stored['horizon']}; the config gives {names}, {config.data.delta!r}, "
+            f"{config.model.action.horizon}: resume with the same data.train, or start a new workdir"
+        )
+    kept_mean, kept_std = stats_arrays(stored)
+    if not (np.array_equal(kept_mean, mean) and np.array_equal(kept_std, std)):
+        logging.warning(
+            "the action statistics of data.train differ from those this run started with; it continues with "
+            "the checkpoint's (the record sets were rebuilt or changed)"
+        )
+    return kept_mean, kept_std
+
+
+def stats_arrays(stored: dict) -> tuple[np.ndarray, np.ndarray]:
+    """`stats_to_json`'s dict -> mean, std [S, 2, 21, 9] in its sources' order."""
+    per_source = stored["sources"].values()
+    return tuple(np.array([entry[k] for entry in per_source], np.float32) for k in ("mean", "std"))
 
 
 def read_stats(path: str) -> dict:

@@ -68,6 +68,36 @@ def param_shardings(boxed_abstract: Any, mesh: Mesh) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
 
 
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+    """The global batch must split evenly over the batch axes `data` x `fsdp`."""
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % ways:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by the batch axes data x fsdp = {ways} of "
+            f"config.mesh={dict(mesh.shape)}: use e.g. batch_size={-(-batch_size // ways) * ways}"
+        )
+
+
+def check_divisible(boxed_abstract: Any, mesh: Mesh) -> None:
+    """Every parameter dimension split over mesh axes must divide by their size; names the first
+    that does not, before jit fails with a bare IndivisibleError."""
+    specs = jax.tree.leaves(nn.get_partition_spec(boxed_abstract), is_leaf=lambda x: isinstance(x, P))
+    leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(boxed_abstract))
+    for (path, leaf), spec in zip(leaves, specs):
+        mesh_axes = nn.logical_to_mesh_axes(spec, LOGICAL_AXIS_RULES)
+        for dim, (size, logical, axes) in enumerate(zip(leaf.shape, spec, mesh_axes)):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = int(np.prod([mesh.shape[a] for a in axes]))
+            if size % ways:
+                fits = [d for d in range(ways, 0, -1) if size % d == 0][0]
+                raise ValueError(
+                    f"config.mesh={dict(mesh.shape)} splits dimension {dim} (logical axis {logical!r}, size {size}) "
+                    f"of parameter {jax.tree_util.keystr(path)} over {'x'.join(axes)} = {ways} ways, which does not "
+                    f"divide it: make {'x'.join(axes)} at most {fits} (e.g. config.mesh.{axes[0]}={fits} and the rest "
+                    f"on another axis), or use a model size divisible by {ways}"
+                )
+
+
 def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh) -> tuple[Any, Any]:
     """Runs `init_fn(rng)` (returning boxed Flax variables) with every parameter created in
     place on its shards, so no host ever holds the whole model. -> (unboxed variables, their

@@ -9,9 +9,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 
 from caip_jax import flops, run_state, sharding, train_step
 from caip_jax.checkpoint import Checkpoints
@@ -19,25 +21,95 @@ from caip_jax.data import pipeline, records
 from caip_jax.data.tokenizer import Tokenizer
 from caip_jax.metrics import MetricsLog, peak_flops_per_device
 
+# The exit status of a run stopped by SIGTERM after saving: EX_TEMPFAIL, "try again later", so a
+# scheduler can tell preemption (restart it) from completion (0) and failure (1).
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+    """Raised by `train` after it saved `step` on SIGTERM; tools exit with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted: saved step {step}; run the same command again to resume")
+        self.step = step
+
+
+class NonFiniteError(RuntimeError):
+    """The loss, gradient norm or parameters stopped being finite (config.nonfinite)."""
+
+
 class Preemption:
-    """Turns SIGTERM (how pods announce preemption) into a flag that all processes agree on at
-    a step boundary, so that they save the same step and exit."""
+    """SIGTERM (how pods announce preemption) -> the step at which every process saves and exits.
+
+    With several processes this is JAX's preemption sync point: the coordination service hears
+    SIGTERM on any process and names one step for all, with no device work, so the host keeps
+    dispatching steps ahead of the devices. One process keeps its own SIGTERM flag.
+    """
 
     def __init__(self):
+        self._multiprocess = jax.process_count() > 1
         self._received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if not self._multiprocess:  # with several, JAX's own handler must stay in place
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint at the next step, then exiting")
         self._received = True
 
-    def requested(self) -> bool:
-        if jax.process_count() == 1:
-            return self._received
-        return bool(multihost_utils.process_allgather(np.int32(self._received)).any())
+    def reached(self, step: int) -> bool:
+        """Called once at every step by every process; True at the step to save and stop at."""
+        if self._multiprocess:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._received
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._multiprocess:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class FiniteCheck:
+    """Watches the loss and gradient norm of every step without waiting for them: their device
+    arrays are kept and read at the next log or save, where the host waits anyway.
+
+    config.nonfinite.policy "stop": a non-finite step stops the run with an error naming it,
+    before any checkpoint of what followed is written. "skip": the optimizer skipped that update
+    (optax.apply_if_finite, see run_state.optimizer); skipped updates are counted, and more than
+    `max_consecutive` in a row stop the run.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, skipped: int):
+        self.policy, self.max_consecutive = config.nonfinite.policy, config.nonfinite.max_consecutive
+        self.skipped, self._consecutive, self._pending = skipped, 0, []
+        self._params_finite = jax.jit(lambda p: jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])))
+
+    def add(self, step: int, metrics: dict) -> None:
+        self._pending.append((step, metrics["loss"], metrics["grad_norm"]))
+
+    def check(self, params=None) -> None:
+        """Reads the pending steps (and with `params`, checks them too: before a save)."""
+        pending, self._pending = jax.device_get(self._pending), []
+        for step, value, norm in pending:
+            if np.isfinite(value) and np.isfinite(norm):
+                self._consecutive = 0
+                continue
+            if self.policy == "stop":
+                raise NonFiniteError(
+                    f"step {step}: loss {value}, gradient norm {norm}; stopped before saving it (the latest "
+                    "checkpoint is finite). Lower optim.learning_rate or set config.nonfinite.policy='skip'"
+                )
+            self.skipped += 1
+            self._consecutive += 1
+            logging.warning("step %d: loss %s, gradient norm %s: update skipped (%d so far)", step, value, norm, self.skipped)
+            if self._consecutive > self.max_consecutive:
+                raise NonFiniteError(
+                    f"step {step}: {self._consecutive} non-finite steps in a row (config.nonfinite.max_consecutive="
+                    f"{self.max_consecutive}); the latest checkpoint is finite. Lower optim.learning_rate"
+                )
+        if params is not None and not bool(self._params_finite(params)):
+            raise NonFiniteError(
+                f"step {pending[-1][0]}: parameters are not finite although loss and gradient were; not saved "
+                "(the latest checkpoint is finite). Lower optim.learning_rate"
+            )
 
 
 def global_batch(local: dict, batch_sharding) -> dict:
@@ -45,15 +117,22 @@ def global_batch(local: dict, batch_sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sharding, local[k]) for k in train_step.BATCH_KEYS}
 
 
-def training_batches(config: ml_collections.ConfigDict) -> tuple[list[pipeline.Source], Any, np.ndarray, np.ndarray]:
-    """The sources of `data.train`, this process's training batches, and the action mean and
-    std [S, 2, 21, 9] per source (see `run_state.action_stats`)."""
+def training_batches(config: ml_collections.ConfigDict) -> tuple[list[pipeline.Source], Any, np.ndarray, np.ndarray, dict]:
+    """The sources of `data.train`, this process's training batches, the action mean and std
+    [S, 2, 21, 9] per source (see `run_state.action_stats`), and what each record set lacks
+    (shards left out under `data.missing_shards="skip"`)."""
     sources, mean, std = run_state.action_stats(config)
     model, data = config.model, config.data
     preprocess = pipeline.Preprocess(data.tokenizer, model.image_size, model.text.length, model.action.horizon)
-    mixture = [(s.path, preprocess, s.weight) for s in sources]
+    sets = [pipeline.open_record_set(s.path, data.missing_shards) for s in sources]
+    if jax.process_count() > 1:  # a shard unreadable on one host only would split the data
+        multihost_utils.assert_equal(np.array([sum(r.counts) for r in sets]), "data.train: processes see different records")
+    lost = {s.name: r.loss() for s, r in zip(sources, sets) if r.missing_shards}
+    for name, loss in lost.items():
+        logging.warning("data.train %r trains without %s (%s records)", name, loss["missing_shards"], loss["records_lost"])
+    mixture = [(r, preprocess, s.weight) for r, s in zip(sets, sources)]
     batches = pipeline.train_batches(mixture, config.batch_size, config.seed, jax.process_index(), jax.process_count())
-    return sources, batches, mean, std
+    return sources, batches, mean, std, lost
 
 
 def all_processes_sum(counts: np.ndarray) -> np.ndarray:
@@ -65,6 +144,11 @@ def all_processes_sum(counts: np.ndarray) -> np.ndarray:
 def check_data(config: ml_collections.ConfigDict) -> None:
     """Refuses data that cannot fit the model before any step runs: token ids beyond the
     embedding table would read garbage (NaN on some backends), not fail."""
+    if not config.data.tokenizer:
+        raise ValueError(
+            "data.tokenizer is not set: give SigLIP 2's tokenizer (a Hugging Face directory or its "
+            "sentencepiece .model), e.g. --config.data.tokenizer=/ckpt/siglip2-large-patch16-256"
+        )
     vocab = Tokenizer(config.data.tokenizer, config.model.text.length).vocab_size
     if vocab > config.model.text.vocab_size:
         raise ValueError(
@@ -80,44 +164,57 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def import_siglip2(config: ml_collections.ConfigDict, path: str, workdir: str) -> int:
-    """Writes step 0 of `workdir` (params and config, no optimizer state) with SigLIP 2's towers
+    """Writes step 0 of `workdir` (params and config, marked as imported) with SigLIP 2's towers
     from `path`; `train` continues from it. Refuses a workdir that already has checkpoints."""
     checkpoints = Checkpoints(workdir)
-    if checkpoints.latest_step() is not None:
-        raise ValueError(f"{workdir} already holds step {checkpoints.latest_step()}: use a new workdir")
-    params = run_state.initial_params(run_state.setup(config), config.seed, path)
-    checkpoints.save(0, params, config=config)
+    checkpoints.save_import(run_state.initial_params(run_state.setup(config), config.seed, path), config, path)
     checkpoints.close()
     save_config(config, workdir)
     return 0
 
 
+def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Compiled programs persist in `config.compilation_cache` (default WORKDIR/compilation_cache;
+    "" turns it off), so a restart after preemption loads the step instead of compiling it."""
+    path = config.compilation_cache.format(workdir=workdir)
+    if path and jax.config.jax_compilation_cache_dir != path:
+        compilation_cache.set_cache_dir(path)
+        compilation_cache.reset_cache()  # the cache binds its directory once per process
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir` if there
-    is one. Returns the last logged metrics."""
+    """Trains to `config.total_steps`, resuming from the latest whole checkpoint in `workdir` if
+    there is one. Returns the last logged metrics; raises Preempted after saving on SIGTERM."""
     check_data(config)
     save_config(config, workdir)
+    use_compilation_cache(config, workdir)
     run = run_state.setup(config)
     opt = run_state.optimizer(config, run)
     params_abstract = run_state.abstract_params(run)
 
-    sources, batches, mean, std = training_batches(config)
+    sources, batches, mean, std, lost = training_batches(config)
     iterator = pipeline.iterate(batches, workers=config.data.workers)
 
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
-    start = checkpoints.latest_step()
-    if start is None:
-        start = 0
+    restored = checkpoints.restore_run(params_abstract, opt.abstract_state, iterator)
+    start, progress = 0, {}
+    if restored is None:
         params = run_state.initial_params(run, config.seed, config.init.siglip2)
         opt_state = opt.init(params)
-        seen = np.zeros(len(sources), np.int64)
+    elif "opt_state" not in restored[1]:  # written by an import: its parameters start the run
+        logging.info("starting from the parameters imported from %s", restored[1]["progress"]["imported_from"])
+        params, opt_state = restored[1]["params"], opt.init(restored[1]["params"])
     else:
+        start, restored = restored
         logging.info("resuming from step %d in %s", start, checkpoints.directory)
-        restored = checkpoints.restore(start, params_abstract, opt.abstract_state, iterator)
-        params = restored["params"]
-        opt_state = restored["opt_state"] if "opt_state" in restored else opt.init(params)
-        progress = restored.get("progress", {}).get("samples_seen", {})
-        seen = np.array([progress.get(s.name, 0) for s in sources], np.int64)
+        params, opt_state, progress = restored["params"], restored["opt_state"], restored["progress"]
+        mean, std = run_state.stats_from_checkpoint(restored["action_stats"], config, sources, mean, std)
+    action_stats = run_state.stats_to_json(config, sources, mean, std)
+    if progress and progress.get("missing_shards", {}) != lost:
+        logging.warning("data.train lacks %s now, %s at the checkpoint: the batches differ from here on", lost, progress.get("missing_shards"))
+    counter = lambda name: np.array([progress.get(name, {}).get(s.name, 0) for s in sources], np.int64)
+    seen, skipped = counter("samples_seen"), counter("records_skipped")
+    finite = FiniteCheck(config, progress.get("skipped_updates", 0))
 
     batch_sharding = sharding.batch_sharding(run.mesh)
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -136,24 +233,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # With gradient accumulation every optimizer step takes `accum` micro-batches; steps,
     # checkpoints and the schedule count optimizer steps.
     accum = config.optim.accum_steps
-    last, batch, timer, steps_timed = {}, first, time.perf_counter(), 0
-    local_seen = np.zeros(len(sources), np.int64)  # this process's rows since the start or resume
+    last, batch, timer, steps_timed, preempted = {}, first, time.perf_counter(), 0, None
+    # This process's rows, and rows whose record failed to read, since the start or resume.
+    local_seen, local_skipped = np.zeros(len(sources), np.int64), np.zeros(len(sources), np.int64)
     try:
         for micro_step in range(start * accum + 1, config.total_steps * accum + 1):
             params, opt_state, metrics = compiled(params, opt_state, batch)
             local_seen += np.bincount(local["source_index"], minlength=len(sources))
+            local_skipped += np.bincount(local["source_index"], local["skipped"], minlength=len(sources)).astype(np.int64)
             if micro_step % accum:
                 local = next(iterator)
                 batch = global_batch(local, batch_sharding)
                 continue
             step = micro_step // accum
             steps_timed += 1
+            finite.add(step, metrics)
             final = step == config.total_steps
-            stop = preemption.requested()
+            stop = preemption.reached(step)
             save = step % config.checkpoint.every_steps == 0 or final or stop
             logged = step % config.log.every_steps == 0 or final or step == start + 1
             if logged or save:
-                total_seen = seen + all_processes_sum(local_seen)
+                finite.check(params if save else None)
+                total_seen, total_skipped = seen + all_processes_sum(local_seen), skipped + all_processes_sum(local_skipped)
             if logged:
                 metrics = jax.device_get(metrics)
                 elapsed = (time.perf_counter() - timer) / steps_timed
@@ -167,16 +268,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     flops_per_device=model_flops * accum,
                     compiled_flops_per_device=compiled_flops * accum,
                     mfu=model_flops * accum / elapsed / peak if peak else None,
+                    skipped_updates=finite.skipped,
                     **{f"seen_{s.name}": int(n) for s, n in zip(sources, total_seen)},
+                    **{f"records_skipped_{s.name}": int(n) for s, n in zip(sources, total_skipped)},
                 )
                 log.write(last)
                 timer, steps_timed = time.perf_counter(), 0
             log.advance()
             if save:
-                progress = dict(samples_seen={s.name: int(n) for s, n in zip(sources, total_seen)})
-                checkpoints.save(step, params, opt_state, iterator, config, progress)
+                progress = dict(
+                    samples_seen={s.name: int(n) for s, n in zip(sources, total_seen)},
+                    records_skipped={s.name: int(n) for s, n in zip(sources, total_skipped)},
+                    skipped_updates=finite.skipped,
+                    missing_shards=lost,
+                )
+                checkpoints.save(step, params, opt_state, iterator, config, progress, action_stats)
                 if stop and not final:
                     logging.warning("saved step %d after SIGTERM; exiting", step)
+                    preempted = step
                     break
             if not final:
                 local = next(iterator)
@@ -186,4 +295,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpoints.close()
         log.close()
         iterator.close()
+    if preempted is not None:
+        raise Preempted(preempted)
     return last

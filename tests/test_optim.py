@@ -313,7 +313,7 @@ def tiny_run(record_set):
     config.data.train, config.data.tokenizer = record_set
     run = run_state.setup(config)
     params = jax.device_get(run_state.initial_params(run, config.seed))
-    _, batches, mean, std = train.training_batches(config)
+    _, batches, mean, std, _ = train.training_batches(config)
     iterator = pipeline.iterate(batches)
     placed = sharding.batch_sharding(run.mesh)
     batches = [train.global_batch(next(iterator), placed) for _ in range(3)]

@@ -17,6 +17,15 @@ def tiny_config(record_set=("", ""), **changes):
     return config
 
 
+def first_batch(config):
+    """This process's first training batch (numpy) and the action mean and std."""
+    _, batches, mean, std = train.training_batches(config)[:4]
+    iterator = pipeline.iterate(batches, workers=0)
+    local = next(iterator)
+    iterator.close()
+    return local, mean, std
+
+
 def test_setup_builds_the_mesh_over_the_given_devices():
     devices = jax.devices()[4:8]
     run = run_state.setup(tiny_config(), devices)
@@ -26,10 +35,7 @@ def test_setup_builds_the_mesh_over_the_given_devices():
 
 def test_abstract_batch_is_what_the_pipeline_makes(record_set):
     config = tiny_config(record_set)
-    _, batches, _, _ = train.training_batches(config)
-    iterator = pipeline.iterate(batches, workers=0)
-    real = next(iterator)
-    iterator.close()
+    real, _, _ = first_batch(config)
     run = run_state.setup(config)
     abstract = train_step.abstract_batch(config, run.mesh)
     assert set(abstract) == set(train_step.BATCH_KEYS)
@@ -57,10 +63,7 @@ def test_ring_and_dense_loss_give_the_same_step(record_set):
     """config.loss selects the form: only the ring passes embeddings between devices, and both
     give the same loss, top1 and updated parameters."""
     config = tiny_config(record_set)
-    _, batches, mean, std = train.training_batches(config)
-    iterator = pipeline.iterate(batches, workers=0)
-    local = next(iterator)
-    iterator.close()
+    local, mean, std = first_batch(config)
     run = run_state.setup(config)
     outputs = {}
     for name in ("ring", "dense"):

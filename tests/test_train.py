@@ -62,9 +62,10 @@ def test_sigterm_saves_and_resuming_is_exact(record_set, tmp_path):
 
     interrupted = str(tmp_path / "interrupted")
     sigterm_after(interrupted, 2)
-    train.train(config, interrupted)
+    with pytest.raises(train.Preempted) as preempted:
+        train.train(config, interrupted)
     stopped = Checkpoints(interrupted).latest_step()
-    assert 2 <= stopped < config.total_steps, "SIGTERM should stop the run early with a checkpoint"
+    assert 2 <= stopped == preempted.value.step < config.total_steps, "SIGTERM should stop the run early with a checkpoint"
     train.train(config, interrupted)  # resumes from `stopped`: params, optimizer, data iterator
 
     expected, got = metrics(straight), metrics(interrupted)
@@ -169,6 +170,8 @@ def test_siglip2_import_and_init_siglip2_start_the_same_run(record_set, tmp_path
     expected = siglip2.from_hf_state_dict(tiny.state_dict_numpy(hf), tiny.HEADS)
     flat = traverse_util.flatten_dict(params, sep="/")
     assert step == 0 and {k for k in flat if k.split("/")[0] in ("img", "txt", "t", "b")} == set(expected)
+    # The loss scalars start where the SigLIP paper starts a new pairing, not at SigLIP 2's.
+    expected.update(t=np.float32(config.model.t_init), b=np.float32(config.model.b_init))
     for name, value in expected.items():
         np.testing.assert_array_equal(flat[name], value, err_msg=name)
     train.train(config, imported)

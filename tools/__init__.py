@@ -1,4 +1,6 @@
 """Thin command-line entry points: flags in, library calls out."""
+import importlib.util
+import sys
 
 from absl import flags
 from absl import logging as absl_logging
@@ -9,3 +11,37 @@ def quiet_unless_asked() -> None:
     read and write at INFO, which would bury a tool's own output."""
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, except that an override of a field the config lacks
+    (`--config.model.foo=1`) is a one-line error with the field's path and the closest names,
+    not ml_collections' bare AttributeError."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, TypeError):  # what ml_collections raises for a path it cannot follow
+        from caip_jax.config import unknown_field
+
+        config = _load_config(_config_path(argv))
+        overrides = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
+        problems = [p for p in map(lambda path: unknown_field(config, path), overrides) if p]
+        if not problems:
+            raise
+        sys.exit(f"FATAL Flags parsing error: {problems[0]}")
+
+
+def _load_config(path: str):
+    spec = importlib.util.spec_from_file_location("config_file", path.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _config_path(argv: list[str]) -> str:
+    """The --config file as given (or the flag's default), before the flags are parsed."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return flags.FLAGS["config"].default_as_str.strip("'")

@@ -7,7 +7,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from tools import quiet_unless_asked
+from tools import parse_flags, quiet_unless_asked
 
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
 flags.DEFINE_string("hf", None, "A Hugging Face SigLIP 2 directory (config.json + safetensors).")
@@ -29,7 +29,7 @@ def main(argv):
 
 def run():
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

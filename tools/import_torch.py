@@ -6,7 +6,7 @@ of a CAIP run; `caip-train` with the same --workdir continues from it.
 from absl import app, flags
 from ml_collections import config_flags
 
-from tools import quiet_unless_asked
+from tools import parse_flags, quiet_unless_asked
 
 flags.DEFINE_string("hf", None, "The Hugging Face directory caip-export-torch wrote.")
 flags.DEFINE_string("workdir", None, "The run directory to start.")
@@ -26,7 +26,7 @@ def main(argv):
 
 def run():
     flags.mark_flags_as_required(["hf", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

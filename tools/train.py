@@ -5,11 +5,16 @@
       --multihost                                     # TPU pod: jax.distributed.initialize()
   caip-train --config configs/demo.py --workdir /tmp/run --config.data.train=... \\
       --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0   # explicit
+
+Exit status: 0 finished, 75 preempted (SIGTERM) after saving a checkpoint (run it again to
+resume), 1 an error.
 """
-from absl import app, flags
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tools import quiet_unless_asked
+from tools import parse_flags, quiet_unless_asked
 
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config go here.")
@@ -36,12 +41,16 @@ def main(argv):
     initialize_distributed()
     from caip_jax import train
 
-    train.train(FLAGS.config, FLAGS.workdir)
+    try:
+        train.train(FLAGS.config, FLAGS.workdir)
+    except train.Preempted as preempted:
+        logging.warning("%s", preempted)
+        sys.exit(train.PREEMPTED_EXIT_CODE)
 
 
 def run():
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -61,8 +61,11 @@ def from_checkpoint(workdir: str, step: int | None = None, mesh: dict | None = N
     config = _with_mesh(checkpoints.restore_config(step), mesh)
     run = run_state.setup(config)
     params = checkpoints.restore(step, run_state.abstract_params(run))["params"]
+    stored = checkpoints.restore_json(step, "action_stats")
     checkpoints.close()
-    _, mean, std = run_state.action_stats(config)
+    # The action space the model was trained in: its checkpoint's statistics (an imported step
+    # has none yet: the record sets' own).
+    mean, std = run_state.stats_arrays(stored) if stored else run_state.action_stats(config)[1:]
     return Encoder(config, run, params, mean[0], std[0], name=f"step {step}")
 
 

@@ -1,0 +1,294 @@
+"""Faults a pod job meets, caused on the tiny run: damaged checkpoints, a non-finite loss,
+preemption and SIGKILL at random moments, config mistakes. Each test asserts what the program
+then does: a continuation equal to the undisturbed run where a fallback applies, otherwise an
+error naming what is wrong and the fix. (Record-set and loader faults: test_faults_data.py.)"""
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import tiny_run_config
+from caip_jax import run_state, train
+from caip_jax.checkpoint import Checkpoints
+from test_train import config_flags, final_params, launch, metrics, run_config
+
+EVERY = 2  # checkpoint interval of these runs: steps 2, 4, 6 of 6 are kept
+
+
+def faults_config(record_set):
+    config = run_config(record_set)
+    config.checkpoint.every_steps = EVERY
+    return config
+
+
+@pytest.fixture(scope="module")
+def straight(record_set, tmp_path_factory):
+    """An undisturbed 6-step run, checkpoints at 2, 4 and 6: the oracle and the copy to damage."""
+    workdir = str(tmp_path_factory.mktemp("faults") / "straight")
+    train.train(faults_config(record_set), workdir)
+    return workdir
+
+
+def damaged_copy(straight, tmp_path, damage):
+    """A copy of the straight run without its final step (so that training has steps left) and
+    with `damage(step_4_directory)` done to its newest remaining step."""
+    workdir = str(tmp_path / "damaged")
+    shutil.copytree(straight, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+    damage(os.path.join(workdir, "checkpoints", "4"))
+    return workdir
+
+
+def largest_file(directory):
+    files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
+    return max(files, key=os.path.getsize)
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+DAMAGES = {
+    "opt_state item missing": lambda step: shutil.rmtree(os.path.join(step, "opt_state")),
+    "data item missing": lambda step: shutil.rmtree(os.path.join(step, "data")),
+    "action_stats item missing": lambda step: shutil.rmtree(os.path.join(step, "action_stats")),
+    "params array file truncated": lambda step: truncate(largest_file(os.path.join(step, "params"))),
+    "params _METADATA deleted": lambda step: os.remove(os.path.join(step, "params", "_METADATA")),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", list(DAMAGES))
+def test_a_damaged_latest_step_falls_back_to_the_intact_one_before(fault, record_set, straight, tmp_path, caplog):
+    """Restore is all-or-nothing per step: the damaged step 4 is reported by name and step 2
+    is used; the run then ends bitwise equal to the undisturbed one (never a fresh optimizer or
+    iterator in place of a missing one)."""
+    config = faults_config(record_set)
+    workdir = damaged_copy(straight, tmp_path, DAMAGES[fault])
+    with caplog.at_level(logging.WARNING):
+        train.train(config, workdir)
+    assert "checkpoint step 4" in caplog.text and "trying the step before" in caplog.text
+    assert "restored step 2" in caplog.text
+    (step_a, a), (step_b, b) = final_params(config, straight), final_params(config, workdir)
+    assert step_a == step_b == config.total_steps
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    expected, got = metrics(straight), metrics(workdir)  # later lines of a step win
+    for step in range(3, config.total_steps + 1):
+        assert got[step]["loss"] == expected[step]["loss"], step
+        assert got[step]["seen_train"] == expected[step]["seen_train"] == step * config.batch_size
+
+
+def test_no_intact_step_is_an_error_naming_each(record_set, straight, tmp_path):
+    config = faults_config(record_set)
+    workdir = damaged_copy(straight, tmp_path, DAMAGES["opt_state item missing"])
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "2", "data"))
+    with pytest.raises(RuntimeError) as error:
+        train.train(config, workdir)
+    message = str(error.value)
+    assert "step 4: UnusableStep: incomplete, no opt_state" in message
+    assert "step 2: UnusableStep: incomplete, no data" in message
+    assert "Restore the files, or move the directory away" in message
+
+
+def strict_json_lines(path):
+    """metrics.jsonl as a JSON reader that refuses NaN and Infinity sees it."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    with open(path) as f:
+        return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+def diverging_config(record_set, policy):
+    config = run_config(record_set)
+    # Updates of ~1e30 make the next forward pass overflow; no weight decay, so that a finite
+    # gradient never makes the parameters themselves infinite.
+    config.optim.learning_rate, config.optim.grad_clip_norm, config.optim.weight_decay = 1e30, 0.0, 0.0
+    config.checkpoint.every_steps, config.checkpoint.keep = 1, 10
+    config.nonfinite.policy = policy
+    return config
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing_after_it(record_set, tmp_path):
+    config = diverging_config(record_set, "stop")
+    workdir = str(tmp_path / "run")
+    with pytest.raises(train.NonFiniteError) as error:
+        train.train(config, workdir)
+    bad = int(str(error.value).split(":")[0].removeprefix("step "))
+    assert "stopped before saving it" in str(error.value)
+    logged = strict_json_lines(os.path.join(workdir, "metrics.jsonl"))
+    assert [m["step"] for m in logged] == list(range(1, bad)) and all(np.isfinite(m["loss"]) for m in logged)
+    checkpoints = Checkpoints(workdir)
+    saved = sorted(checkpoints._manager.all_steps())
+    assert saved == list(range(1, bad))
+    abstract = run_state.abstract_params(run_state.setup(config))
+    for step in saved:
+        params = checkpoints.restore(step, abstract)["params"]
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), step
+    checkpoints.close()
+
+
+def test_skip_policy_skips_exactly_the_non_finite_updates(record_set, tmp_path):
+    config = diverging_config(record_set, "skip")
+    config.nonfinite.max_consecutive = config.total_steps
+    workdir = str(tmp_path / "run")
+    last = train.train(config, workdir)
+    logged = {m["step"]: m for m in strict_json_lines(os.path.join(workdir, "metrics.jsonl"))}
+    bad = [s for s, m in logged.items() if m["loss"] is None or m["grad_norm"] is None]
+    assert bad, "the learning rate should have made some step non-finite"
+    assert last["skipped_updates"] == len(bad)
+    checkpoints = Checkpoints(workdir)
+    abstract = run_state.abstract_params(run_state.setup(config))
+    params = {s: jax.device_get(checkpoints.restore(s, abstract)["params"]) for s in range(1, config.total_steps + 1)}
+    checkpoints.close()
+    for step in range(2, config.total_steps + 1):
+        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params[step - 1]), jax.tree.leaves(params[step])))
+        assert same == (step in bad), step
+
+
+def test_too_many_skipped_updates_in_a_row_stop_the_run(record_set, tmp_path):
+    config = diverging_config(record_set, "skip")
+    config.nonfinite.max_consecutive = 1
+    with pytest.raises(train.NonFiniteError, match="non-finite steps in a row"):
+        train.train(config, str(tmp_path / "run"))
+
+
+def test_a_resumed_run_keeps_its_action_statistics(record_set, tmp_path, caplog):
+    """A rebuilt record set (other stats.json) does not change the action space of a resumed
+    run: it continues exactly as it would have with the original statistics, and says so."""
+    records, tokenizer = record_set
+    copied = str(tmp_path / "records")
+    shutil.copytree(records, copied)
+    config = faults_config((copied, tokenizer))
+    workdir = str(tmp_path / "run")
+    train.train(config, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+    stats_path = os.path.join(copied, "stats.json")
+    with open(stats_path) as f:
+        stats = json.load(f)
+    stats[config.data.delta]["std"] = (np.asarray(stats[config.data.delta]["std"]) * 3).tolist()
+    with open(stats_path, "w") as f:
+        json.dump(stats, f)
+    expected = metrics(workdir)
+    with caplog.at_level(logging.WARNING):
+        train.train(config, workdir)
+    assert "continues with the checkpoint's" in caplog.text
+    got = metrics(workdir)
+    assert got[5]["loss"] == expected[5]["loss"] and got[6]["loss"] == expected[6]["loss"]
+
+
+def test_records_of_another_horizon_are_refused_naming_both(record_set):
+    config = run_config(record_set)
+    config.model.action.horizon = 4  # the fixture's records were converted with horizon 8
+    with pytest.raises(ValueError, match=r"converted with horizon 8 .* model.action.horizon=4"):
+        run_state.action_stats(config)
+
+
+def test_config_mistakes_name_the_field_and_the_fix(record_set):
+    config = run_config(record_set)
+    config.data.tokenizer = ""
+    with pytest.raises(ValueError, match=r"data.tokenizer is not set: give SigLIP 2's tokenizer"):
+        train.train(config, "/nonexistent/never-written")
+    config = run_config(record_set)
+    config.batch_size = 12  # 8 devices: data 2 x fsdp 4
+    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the batch axes data x fsdp = 8 .* batch_size=16"):
+        run_state.setup(config)
+    config = run_config(record_set, data=1, fsdp=8)
+    config.model.action.width = 21
+    with pytest.raises(ValueError, match=r"config.mesh=.* splits dimension .* of parameter \['act'\].* does not divide it: make fsdp at most 7"):
+        run_state.setup(config)
+
+
+def test_an_unknown_config_field_names_its_path_and_the_closest(record_set, tmp_path):
+    """On the command line, where the mistake is made: exit 1 with one line, no traceback."""
+    flags = config_flags(run_config(record_set), tmp_path / "run")
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.train", *flags, "--config.optim.lr=1e-3"],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=os.path.dirname(__file__)),
+    )
+    assert result.returncode == 1
+    assert "config.optim has no field 'lr'; did you mean config.optim.learning_rate?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def wait_for(predicate, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resuming_ends_bitwise_equal(record_set, tmp_path):
+    """SIGKILL of caip-train at moments drawn at random, one of them while a checkpoint is being
+    written (its temporary directory present), one during start-up or restore; each restart
+    resumes; the run ends (exit 0) bitwise equal to an undisturbed run."""
+    config = run_config(record_set)
+    config.checkpoint.every_steps, config.total_steps = 1, 8
+    flags = config_flags(config, str(tmp_path / "killed")) + ["--config.checkpoint.every_steps=1", "--config.total_steps=8"]
+    straight = str(tmp_path / "straight")
+    train.train(config, straight)
+
+    workdir = str(tmp_path / "killed")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    rng = np.random.default_rng(0)
+    logged_steps = lambda: len(metrics(workdir)) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else 0
+    writing = lambda: os.path.isdir(checkpoints) and any("tmp" in name for name in os.listdir(checkpoints))
+    moments = [
+        ("while a checkpoint is written", writing),
+        ("at start-up or restore", lambda: True),
+        ("after a logged step", lambda start=None: logged_steps() >= 1),
+    ]
+    for name, moment in moments:
+        process = launch(flags, devices=8)
+        wait_for(lambda: moment() or process.poll() is not None)
+        time.sleep(rng.uniform(0, 0.5) if name != "while a checkpoint is written" else 0)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    process = launch(flags, devices=8)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-3000:]
+    (step_a, a), (step_b, b) = final_params(config, straight), final_params(config, workdir)
+    assert step_a == step_b == config.total_steps
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(record_set, tmp_path):
+    """Preemption reaches one host of a 2-process run: JAX's preemption sync point picks one
+    step for both, both save it and exit 75 (not 0); restarting both finishes the run as one
+    process would."""
+    config = run_config(record_set)
+    config.total_steps = 40
+    flags = config_flags(config, str(tmp_path / "two")) + ["--config.total_steps=40"]
+    port = 20000 + (os.getpid() + 7) % 20000
+    launch_both = lambda: [
+        launch(flags + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"], devices=4)
+        for i in range(2)
+    ]
+    processes = launch_both()
+    workdir = str(tmp_path / "two")
+    wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(metrics(workdir)) >= 2)
+    processes[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [train.PREEMPTED_EXIT_CODE] * 2, outs[0][-2000:] + outs[1][-2000:]
+    saved = [int(re.search(r"saved step (\d+)", out).group(1)) for out in outs]
+    assert saved[0] == saved[1] < config.total_steps
+    checkpoints = Checkpoints(workdir)
+    assert checkpoints.latest_step() == saved[0] and set(checkpoints.items(saved[0])) >= {"params", "opt_state", "data"}
+    checkpoints.close()
+    for process in launch_both():
+        out, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, out[-3000:]
+    assert max(metrics(workdir)) == config.total_steps
