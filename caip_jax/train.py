@@ -179,6 +179,7 @@ def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> No
     path = config.compilation_cache.format(workdir=workdir)
     if path and jax.config.jax_compilation_cache_dir != path:
         compilation_cache.set_cache_dir(path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program: none recompiles
         compilation_cache.reset_cache()  # the cache binds its directory once per process
 
 

@@ -292,3 +292,23 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(record_set,
         out, _ = process.communicate(timeout=300)
         assert process.returncode == 0, out[-3000:]
     assert max(metrics(workdir)) == config.total_steps
+
+
+def test_a_restart_compiles_nothing_new(record_set, tmp_path):
+    """The second start of a run loads its programs from the persistent compilation cache:
+    cache hits, and no entry is added."""
+    config = run_config(record_set)
+    config.total_steps = 2
+    workdir = str(tmp_path / "run")
+    train.train(config, workdir)
+    cache = os.path.join(workdir, "compilation_cache")
+    entries = set(os.listdir(cache))
+    hits = []
+    listener = lambda event, **kwargs: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None
+    jax.monitoring.register_event_listener(listener)
+    try:
+        train.train(config, workdir)  # nothing left to train: restores, compiles the step, exits
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+    assert hits, "the restart should have read compiled programs from the cache"
+    assert set(os.listdir(cache)) == entries
