@@ -91,4 +91,4 @@ def write(report: dict, out: str, title: str) -> None:
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(f"# {title}\n\n" + markdown(report))
     rows = {name: row["probes"]["image_pooled"]["r2_by_horizon"] for name, row in report.items()}
-    plot.plot_r2_by_horizon(rows, os.path.join(out, "r2_by_horizon.png"), f"{title}: action R^2 (image_pooled)")
+    plot.plot_r2_by_horizon(rows, os.path.join(out, "r2_by_horizon.png"), f"{title}: action R² (image_pooled)")

@@ -1,56 +1,56 @@
-"""R^2 against prediction horizon as a line chart PNG, drawn with PIL only."""
+"""R^2 of the action probe against the prediction horizon, a line per model, as a PNG drawn by
+matplotlib's Agg renderer (no display, no pyplot state)."""
 import math
 
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, NullLocator
 
-# Row i is drawn in COLORS[i % len(COLORS)] (matplotlib's tab10 order).
+# Row i is drawn in COLORS[i % len(COLORS)] (RGB; matplotlib's tab10 blue, red, green, ...), so
+# the first row (the trained model) keeps its colour whatever baselines follow.
 COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
           (140, 86, 75), (227, 119, 194), (127, 127, 127))
 
 
-def plot_r2_by_horizon(rows: dict[str, dict[int, float]], path: str, title: str,
-                       size: tuple[int, int] = (640, 400)) -> None:
-    """rows {name: {horizon steps: R^2}} -> a PNG at path of size (width, height): one line per
-    row, x = horizon steps, y from min(0, lowest R^2) to 1; non-finite values are skipped."""
-    width, height = size
-    left, right, top, bottom = 56, width - 150, 30, height - 44  # plot box; legend on the right
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+def r2_by_horizon_figure(rows: dict[str, dict[int, float]], title: str, size: tuple[int, int] = (1280, 800),
+                         dpi: int = 200, steps_per_second: float = 30.0) -> Figure:
+    """rows {name: {horizon h in steps: R^2 over the first h steps}} -> a Figure of `size`
+    (width, height) pixels: one line with markers per row, in order, broken where R^2 is not finite;
+    horizons on a log2 axis ticked where measured, seconds on the top axis, R^2 = 0 (the
+    probe's training mean) drawn as a reference, a grid and a legend."""
     steps = sorted({h for row in rows.values() for h in row})
-    values = [v for row in rows.values() for v in row.values() if math.isfinite(v)]
     if not steps:
         raise ValueError(f"rows {rows!r} hold no horizons to plot")
-    x_lo, x_hi = steps[0], max(steps[-1], steps[0] + 1)
-    y_lo = min([0.0] + values)
-
-    def to_px(step, r2):
-        return (left + (step - x_lo) / (x_hi - x_lo) * (right - left),
-                bottom - (r2 - y_lo) / (1.0 - y_lo) * (bottom - top))
-
-    draw.rectangle((left, top, right, bottom), outline="black")
-    for step in steps:  # x ticks at every horizon measured
-        x = to_px(step, y_lo)[0]
-        draw.line((x, bottom, x, bottom + 4), fill="black")
-        draw.text((x, bottom + 6), str(step), fill="black", font=font, anchor="mt")
-    unit = 10 ** math.floor(math.log10((1.0 - y_lo) / 6))  # y ticks: <= 6 round steps, 0 and 1 among them
-    tick = next(m * unit for m in (1, 2, 2.5, 5, 10) if (1.0 - y_lo) / (m * unit) <= 6)
-    for i in range(math.ceil(y_lo / tick - 1e-9), math.floor(1 / tick + 1e-9) + 1):
-        r2 = i * tick
-        y = to_px(x_lo, r2)[1]
-        draw.line((left - 4, y, left, y), fill="black")
-        draw.text((left - 6, y), f"{r2:.4g}", fill="black", font=font, anchor="rm")
-    draw.text(((left + right) / 2, height - 4), "horizon (steps)", fill="black", font=font, anchor="md")
-    draw.text((4, top - 8), "R^2", fill="black", font=font, anchor="lm")
-    draw.text(((left + right) / 2, 4), title, fill="black", font=font, anchor="mt")
+    if steps[0] <= 0:
+        raise ValueError(f"horizons {steps} must be positive steps (the x axis is logarithmic)")
+    figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
     for i, (name, row) in enumerate(rows.items()):
-        color = COLORS[i % len(COLORS)]
-        points = [to_px(h, v) for h, v in sorted(row.items()) if math.isfinite(v)]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        for x, y in points:
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
-        y = top + 10 + 18 * i
-        draw.line((right + 12, y, right + 36, y), fill=color, width=3)
-        draw.text((right + 42, y), name, fill="black", font=font, anchor="lm")
-    image.save(path, format="PNG")
+        horizons = sorted(row)
+        r2 = [row[h] if math.isfinite(row[h]) else math.nan for h in horizons]  # NaN: a gap
+        color = tuple(c / 255 for c in COLORS[i % len(COLORS)])
+        axes.plot(horizons, r2, marker="o", markersize=4, linewidth=1.5, color=color, label=name)
+    axes.axhline(0.0, color="black", linewidth=0.8)
+    axes.set_xscale("log", base=2)
+    axes.xaxis.set_major_locator(FixedLocator(steps))
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xticklabels([str(h) for h in steps])
+    axes.set_xlim(steps[0] / 2 ** 0.25, steps[-1] * 2 ** 0.25)
+    axes.set_ylim(top=1.0)
+    axes.set_xlabel(f"horizon h (steps at {steps_per_second:g} Hz)")
+    axes.set_ylabel("R² of the first h steps")
+    seconds = axes.secondary_xaxis("top", functions=(lambda h: h / steps_per_second, lambda s: s * steps_per_second))
+    seconds.set_xlabel("horizon (s)")
+    seconds.xaxis.set_major_locator(FixedLocator([h / steps_per_second for h in steps]))
+    seconds.xaxis.set_minor_locator(NullLocator())
+    seconds.set_xticklabels([f"{h / steps_per_second:.2g}" for h in steps])
+    axes.grid(True, which="major", linewidth=0.5, alpha=0.5)
+    axes.legend(loc="best", fontsize="small")
+    axes.set_title(title)
+    return figure
+
+
+def plot_r2_by_horizon(rows: dict[str, dict[int, float]], path: str, title: str, **figure_args) -> None:
+    """`r2_by_horizon_figure(rows, title, **figure_args)` saved as a PNG at `path`."""
+    r2_by_horizon_figure(rows, title, **figure_args).savefig(path, format="png")
