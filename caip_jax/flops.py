@@ -18,12 +18,15 @@ global batch B:
     loss   = 2 B D                                          (this sample's row of the [B, B] logits)
 
     train  = 3 (image + text + pool + action + loss) - (patch and action embeddings)
+    remat  = sum over the three encoders of depth recomputed(n, d, m), with recomputed =
+             0 (none, dots), 4 n^2 d (dots_no_batch), block(n, d, m) - 2 n d m (full)
 
 Forward and backward cost 3 forwards (each matmul's backward computes the gradients of both its
 operands), except the two embeddings of the data, whose inputs need no gradient (2 forwards).
 The image tower's own MAP head and the text head feed no loss term: XLA drops them, and they are
-not counted. Rematerialisation is not counted either (it is not model work), nor elementwise
-work (norms, softmax, GELU, the optimizer update), which XLA's cost analysis does count.
+not counted. Rematerialisation is not model work: `remat_flops_per_sample` counts it apart.
+Elementwise work (norms, softmax, GELU, the optimizer update) is not counted; XLA's cost
+analysis counts it.
 """
 import ml_collections
 
@@ -43,24 +46,53 @@ def _pool(n: int, n_kv: int, d: int, m: int) -> int:
     return _attention(n, n_kv, d) + 4 * n * d * m
 
 
+# Matmul FLOPs per sample that the backward pass of one block (n tokens, width d, MLP m) runs
+# again under each model.remat_policy: what it needs and the policy did not keep.
+_RECOMPUTED = {
+    "none": lambda n, d, m: 0,
+    "dots": lambda n, d, m: 0,  # every matmul output is kept
+    # The two [n, n] attention products have batch dimensions, so they are not kept.
+    "dots_no_batch": lambda n, d, m: 4 * n * n * d,
+    # The whole block but its MLP's output matmul, whose result no gradient needs.
+    "full": lambda n, d, m: _block(n, d, m) - 2 * n * d * m,
+}
+
+
+def _encoders(model: ml_collections.ConfigDict) -> list[tuple[int, int, int, int]]:
+    """(depth, tokens, width, MLP width) of the image, text and action encoders."""
+    size = tower_size(model)
+    d, depth, m = size["width"], size["depth"], size["mlp_dim"]
+    act = model.action
+    return [
+        (depth, (model.image_size // size["patch_size"]) ** 2, d, m),
+        (depth, model.text.length, d, m),
+        (act.depth, act.horizon + 1, act.width, act.mlp_dim),
+    ]
+
+
+def remat_flops_per_sample(model: ml_collections.ConfigDict) -> int:
+    """Matmul FLOPs of one sample that `model.remat_policy` recomputes in the backward pass
+    (the pooling and embeddings are not rematerialised)."""
+    recomputed = _RECOMPUTED[model.remat_policy]
+    return sum(depth * recomputed(n, d, m) for depth, n, d, m in _encoders(model))
+
+
 def forward_flops_per_sample(model: ml_collections.ConfigDict, batch_size: int) -> dict[str, int]:
     """Forward matmul FLOPs of one sample by part (see the module docstring), for `model` (the
     `model` part of a run config) at global batch `batch_size`; `embeddings` is the part of
     `image` and `action` that takes the data as input."""
+    image, text, action = [depth * _block(n, d, m) for depth, n, d, m in _encoders(model)]
     size = tower_size(model)
-    d, depth, m, patch = size["width"], size["depth"], size["mlp_dim"], size["patch_size"]
-    n = (model.image_size // patch) ** 2
-    length = model.text.length
-    act = model.action
-    steps = act.horizon
+    d, m, patch = size["width"], size["mlp_dim"], size["patch_size"]
+    n, length, act = (model.image_size // patch) ** 2, model.text.length, model.action
     m_pool = model.pool.mlp_dim or m
     patch_embedding = 2 * n * 3 * patch * patch * d
-    action_embedding = 2 * steps * (NUM_HANDS * NUM_KEYPOINTS * FEATURES_PER_KEYPOINT + NUM_HANDS) * act.width
+    action_embedding = 2 * act.horizon * (NUM_HANDS * NUM_KEYPOINTS * FEATURES_PER_KEYPOINT + NUM_HANDS) * act.width
     return dict(
-        image=patch_embedding + depth * _block(n, d, m),
-        text=depth * _block(length, d, m),
+        image=patch_embedding + image,
+        text=text,
         pool=_pool(length, n, d, m_pool) + _pool(1, length, d, m_pool),
-        action=action_embedding + act.depth * _block(steps + 1, act.width, act.mlp_dim) + 2 * act.width * d,
+        action=action_embedding + action + 2 * act.width * d,
         loss=2 * batch_size * d,
         embeddings=patch_embedding + action_embedding,
     )

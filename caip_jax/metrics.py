@@ -1,33 +1,67 @@
 """Training metrics to the console (progress bar), TensorBoard and WORKDIR/metrics.jsonl, from
-process 0 only; and the devices' peak FLOP/s for MFU."""
+process 0 only; and the devices' peak FLOP/s (for MFU) and memory."""
 import json
 import math
 import os
+from typing import NamedTuple
 
 import jax
 import tqdm
 from tensorboardX import SummaryWriter
 
-# Dense bf16 peak FLOP/s per device, from the vendors' data sheets. Devices not listed (CPUs)
-# get no MFU; benchmarks/train_step.py measures their matmul peak instead.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
+GiB = 2**30
+
+
+class Chip(NamedTuple):
+    peak_flops: float  # dense bf16 FLOP/s, from the vendor's data sheet
+    hbm_bytes: float | None  # what the XLA compiler lets one program use (TPU), a little under the data sheet's
+    cores: int = 1  # TensorCores per chip
+
+
+# By device kind. A device is a whole chip, except on v4 without chip_config megacore (one
+# TensorCore: half of each). Devices not listed (CPUs) get no MFU; benchmarks/train_step.py
+# measures their matmul peak instead. GPUs report their memory limit themselves.
+CHIPS = {
+    "TPU v4": Chip(275e12, 30.75 * GiB, cores=2),
+    "TPU v5 lite": Chip(197e12, 15.75 * GiB),
+    "TPU v5e": Chip(197e12, 15.75 * GiB),
+    "TPU v5": Chip(459e12, 95.74 * GiB, cores=2),
+    "TPU v5p": Chip(459e12, 95.74 * GiB, cores=2),
+    "TPU v6 lite": Chip(918e12, 31.25 * GiB),
+    "TPU v6e": Chip(918e12, 31.25 * GiB),
+    "NVIDIA H100": Chip(989e12, None),
+    "NVIDIA H200": Chip(989e12, None),
+    "NVIDIA A100": Chip(312e12, None),
 }
 
 
+def _chip_share(device: jax.Device) -> tuple[Chip, float] | None:
+    """The longest CHIPS name that `device.device_kind` starts with, and the share of the chip
+    that the device is; None if not listed."""
+    names = [name for name in CHIPS if device.device_kind.startswith(name)]
+    if not names:
+        return None
+    chip = CHIPS[max(names, key=len)]
+    return chip, getattr(device, "num_cores", chip.cores) / chip.cores
+
+
 def peak_flops_per_device(device: jax.Device) -> float | None:
-    """The longest PEAK_FLOPS name that `device.device_kind` starts with, or None."""
-    names = [name for name in PEAK_FLOPS if device.device_kind.startswith(name)]
-    return PEAK_FLOPS[max(names, key=len)] if names else None
+    """The device's dense bf16 peak FLOP/s; None for devices not listed."""
+    found = _chip_share(device)
+    return found[0].peak_flops * found[1] if found else None
+
+
+def hbm_bytes_per_device(device: jax.Device) -> float | None:
+    """The memory one program may use on `device`: the device's own limit where it reports one
+    (GPUs), else the table's (TPUs, also compile-only ones)."""
+    try:
+        stats = device.memory_stats() or {}  # None on CPUs
+    except jax.errors.JaxRuntimeError:  # compile-only devices (a topology's) have none
+        stats = {}
+    if "bytes_limit" in stats:
+        return float(stats["bytes_limit"])
+    found = _chip_share(device)
+    return found[0].hbm_bytes * found[1] if found and found[0].hbm_bytes else None
 
 
 def finite_or_none(metrics: dict) -> dict:
