@@ -22,10 +22,11 @@ def flat(tree) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(k, simple=True, separator="/"): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def train_run(record_set, workdir: str, batch: int, accum: int) -> tuple[dict, dict]:
+def train_run(record_set, workdir: str, batch: int, accum: int, cache: str) -> tuple[dict, dict]:
     """STEPS optimizer steps of `accum` micro-batches of `batch` -> (metrics by step, final
-    parameters by path)."""
+    parameters by path). `cache`: the compilation cache (the runs share their initialisation)."""
     config = run_config(record_set)
+    config.compilation_cache = cache
     config.batch_size, config.optim.accum_steps, config.total_steps = batch, accum, STEPS
     config.model.b_init = -200.0
     # No clipping, and eps = 1 (Adam's step ~ g / (|g| + 1)): the update depends on the
@@ -42,9 +43,10 @@ def train_run(record_set, workdir: str, batch: int, accum: int) -> tuple[dict, d
 @pytest.fixture(scope="module")
 def runs(record_set, tmp_path_factory):
     """{"accumulated", "large"}: (metrics by step, final parameters) of the two runs."""
+    workdir, cache = lambda name: str(tmp_path_factory.mktemp(name)), str(tmp_path_factory.mktemp("cache"))
     return dict(
-        accumulated=train_run(record_set, str(tmp_path_factory.mktemp("accumulated")), MICRO_BATCH, ACCUM),
-        large=train_run(record_set, str(tmp_path_factory.mktemp("large")), ACCUM * MICRO_BATCH, 1),
+        accumulated=train_run(record_set, workdir("accumulated"), MICRO_BATCH, ACCUM, cache),
+        large=train_run(record_set, workdir("large"), ACCUM * MICRO_BATCH, 1, cache),
     )
 
 
