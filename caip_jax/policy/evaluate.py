@@ -36,7 +36,7 @@ class Simulated:
     seed: int = 0
     image_size: int = 128
     camera: str | None = None
-    max_steps: int | None = None
+    max_steps: int | None = None  # of a rollout (default: the suite's)
     multitask: bool = False
     strips: int = 2  # rollouts per task and encoder saved as GIF and PNG strip
 
@@ -65,15 +65,17 @@ def _loaded(specs: list[str], kind: str, reference, out: str, seed: int):
         yield encoder
 
 
-def _demonstrations(run: Simulated, out: str, images: bool) -> dict[str, list[demonstrations.Demonstration]]:
-    """Generates (once) and reads the demonstrations of every task, one environment at a time."""
+def _demonstrations(run: Simulated, out: str) -> dict[str, list[demonstrations.Demonstration]]:
+    """Generates (once) and reads the demonstrations of every task, one environment at a time.
+    They are always rendered, so that one set serves every encoder, the state included; the
+    expert gets the suite's default step budget (`max_steps` bounds the rollouts)."""
     demos = {}
     for task in run.tasks:
-        env = environment.make(run.suite, task, run.image_size if images else None, run.camera, run.max_steps)
+        env = environment.make(run.suite, task, run.image_size, run.camera)
         try:
             root = os.path.join(out, "demos", task)
             description = dict(suite=run.suite, task=task, camera=getattr(env, "camera", run.camera),
-                               image_size=run.image_size if images else None, max_steps=env.max_steps)
+                               image_size=run.image_size, max_steps=env.max_steps)
             stored = demonstrations.generate(env, root, run.demos, run.seed, description)
             demos[task] = demonstrations.read(root, video_key=stored["camera_key"],
                                               env_state_key="observation.environment_state")
@@ -100,7 +102,7 @@ def evaluate_simulated(specs: list[str], config: ml_collections.ConfigDict, run:
         if task not in environment.tasks(run.suite):
             raise ValueError(f"{run.suite} task {task!r} is unknown; valid: {', '.join(environment.tasks(run.suite))}")
     reference = reference_config(specs, caip_config)
-    demos = _demonstrations(run, out, images=any(s != "state" for s in specs))
+    demos = _demonstrations(run, out)
     success, episodes, steps, names = {t: {} for t in run.tasks}, {t: {} for t in run.tasks}, {t: {} for t in run.tasks}, []
     for encoder in _loaded(specs, config.features, reference, out, run.seed):
         names.append(encoder.name)
