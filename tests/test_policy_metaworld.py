@@ -98,8 +98,19 @@ def test_unknown_task_suite_and_action_size_are_refused(quick):
     rows = 10
     wrong = TrainingSet.build([np.zeros((rows, 1, 39))], [np.zeros((rows, 4))], [np.zeros((rows, 3))],
                               ["button press"], horizon=8)
+    config = policy_config.policy_config("tiny")
+    config.total_steps = 30
     with pytest.raises(ValueError, match=r"action dimension is 3 but the policy in .*policy takes 4"):
-        train.train(quick_policy.config, wrong, os.path.join(root, "policy"))
+        train.train(config, wrong, os.path.join(root, "policy"))
+    # The same demonstrations, but asked to train otherwise: not silently the old policy.
+    config.total_steps = 31
+    read = demonstrations.read(os.path.join(root, "demos"), env_state_key=ENV_STATE)
+    same = TrainingSet.build([d.env_state[:, None] for d in read], [d.state for d in read], [d.action for d in read],
+                             [d.text for d in read], horizon=8)
+    with pytest.raises(ValueError, match=r"the policy in .*policy was trained with other total_steps than asked"):
+        train.train(config, same, os.path.join(root, "policy"))
+    config.total_steps = 30
+    assert train.train(config, same, os.path.join(root, "policy"), devices=jax.devices()[:1]).config.total_steps == 30
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ Batch k is a seeded draw of rows (numpy, seed and k), and the flow noise and tim
 `fold_in(key(seed), k)`: the run is a function of the seed and the data.
 """
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -132,15 +133,23 @@ def _normalized_rows(config: ml_collections.ConfigDict, data: TrainingSet) -> di
                 chunk=action.normalize(data.chunk).astype(np.float32), chunk_mask=data.chunk_mask)
 
 
-def check_fits(config: ml_collections.ConfigDict, data: TrainingSet, where: str) -> None:
-    """Refuses data whose sizes or instructions differ from the policy's, naming both."""
-    d = config.dims
+def check_fits(stored: ml_collections.ConfigDict, config: ml_collections.ConfigDict, data: TrainingSet,
+               where: str) -> None:
+    """Refuses to reuse the policy of `stored` config for `data` and `config` if the data's
+    sizes differ from the policy's or the policy was trained otherwise, naming what differs."""
+    d = stored.dims
     for name, have, want in (("action dimension", data.chunk.shape[2], d.action),
                              ("state dimension", data.state.shape[1], d.state),
                              ("feature shape", list(data.features.shape[1:]), list(d.features))):
         if have != want:
             raise ValueError(f"the demonstrations' {name} is {have} but the policy in {where} takes {want}: "
                              "train it on demonstrations of the same robot and encoder, or use another workdir")
+    plain = lambda c: json.loads(json.dumps(c.to_dict()))  # tuples and lists alike, as stored
+    asked, have = plain(_fitted_config(config, data)), plain(stored)
+    differ = sorted(k for k in asked.keys() | have.keys() if asked.get(k) != have.get(k))
+    if differ:
+        raise ValueError(f"the policy in {where} was trained with other {', '.join(differ)} than asked "
+                         "(or on other demonstrations): use another workdir")
 
 
 def train(config: ml_collections.ConfigDict, data: TrainingSet, workdir: str,
@@ -152,8 +161,7 @@ def train(config: ml_collections.ConfigDict, data: TrainingSet, workdir: str,
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep, asynchronous=False)
     finished = checkpoints.latest_step()
     if finished is not None:
-        stored = checkpoints.restore_config(finished)
-        check_fits(stored, data, workdir)
+        check_fits(checkpoints.restore_config(finished), config, data, workdir)
         checkpoints.close()
         return load(workdir, devices)
     config = _fitted_config(config, data)
