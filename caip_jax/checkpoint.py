@@ -12,6 +12,7 @@ Every process of a multi-host run calls the same methods; orbax coordinates the 
 """
 import logging
 import os
+import time
 from typing import Any
 
 import grain
@@ -171,6 +172,7 @@ class Checkpoints:
             if _everywhere(restored is not None):
                 if problems:
                     logging.warning("restored step %d of %s instead (newer steps unusable: %s)", step, self.directory, "; ".join(problems))
+                    self._set_aside(steps[: len(problems)])
                 return step, restored
             reason = reason or "unreadable on another process"
             logging.warning("checkpoint step %d in %s cannot be restored (%s); trying the step before", step, self.directory, reason)
@@ -181,6 +183,20 @@ class Checkpoints:
                 + ". Restore the files, or move the directory away to start the run afresh"
             )
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unusable steps to WORKDIR/unusable_checkpoints/ (kept for inspection, not lost),
+        so that the run can write those step numbers again."""
+        aside = epath.Path(self.directory).parent / "unusable_checkpoints"
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target = aside / f"{step}.{int(time.time())}"
+                (epath.Path(self.directory) / str(step)).rename(target)
+                logging.warning("moved the unusable checkpoint step %d to %s", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("caip_jax.checkpoint: unusable steps set aside")
+        self._manager.reload()
 
     def _restore_whole(self, step, abstract_params, abstract_opt_state, data_iterator) -> dict[str, Any]:
         stored = self.items(step)

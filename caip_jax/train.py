@@ -234,12 +234,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # With gradient accumulation every optimizer step takes `accum` micro-batches; steps,
     # checkpoints and the schedule count optimizer steps.
     accum = config.optim.accum_steps
-    last, batch, timer, steps_timed, preempted = {}, first, time.perf_counter(), 0, None
+    last, batch, timer, steps_timed, preempted, micro_metrics = {}, first, time.perf_counter(), 0, None, []
     # This process's rows, and rows whose record failed to read, since the start or resume.
     local_seen, local_skipped = np.zeros(len(sources), np.int64), np.zeros(len(sources), np.int64)
     try:
         for micro_step in range(start * accum + 1, config.total_steps * accum + 1):
             params, opt_state, metrics = compiled(params, opt_state, batch)
+            micro_metrics.append(metrics)
             local_seen += np.bincount(local["source_index"], minlength=len(sources))
             local_skipped += np.bincount(local["source_index"], local["skipped"], minlength=len(sources)).astype(np.int64)
             if micro_step % accum:
@@ -247,6 +248,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 batch = global_batch(local, batch_sharding)
                 continue
             step = micro_step // accum
+            # An optimizer step's loss and top-1: the means over its (equal-sized) micro-batches;
+            # its gradient norm is already the mean gradient's (train_step.applied_gradient_norm).
+            metrics = dict(metrics, **{k: sum(m[k] for m in micro_metrics) / accum for k in ("loss", "top1")})
+            micro_metrics = []
             steps_timed += 1
             finite.add(step, metrics)
             final = step == config.total_steps

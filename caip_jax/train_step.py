@@ -60,18 +60,32 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh, co
 
     def step(params, opt_state, batch):
         (value, top1), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        norm = applied_gradient_norm(grads, opt_state)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = dict(
             loss=value,
             top1=top1,
-            grad_norm=optax.tree.norm(grads),
+            grad_norm=norm,
             temperature=jnp.exp(params["t"]),
             bias=params["b"],
         )
         return params, opt_state, metrics
 
     return step
+
+
+def applied_gradient_norm(grads, opt_state) -> jax.Array:
+    """The norm of the gradient the optimizer is given: with accumulation (optax.MultiSteps, its
+    running mean `acc_grads` over the step's micro-batches) the mean so far including `grads`,
+    which at the step's last micro-batch is the mean gradient that is clipped and applied (over
+    the leaves that accumulate: frozen ones hold none)."""
+    accumulated = optax.tree.get(opt_state, "acc_grads")
+    if accumulated is None:
+        return optax.tree.norm(grads)
+    seen = optax.tree.get(opt_state, "mini_step")
+    by_path = dict(jax.tree_util.tree_leaves_with_path(grads))
+    return optax.tree.norm([a + (by_path[path] - a) / (seen + 1) for path, a in jax.tree_util.tree_leaves_with_path(accumulated)])
 
 
 def jit_train_step(run: Setup, opt: Optimizer, config: ml_collections.ConfigDict, mean, std):

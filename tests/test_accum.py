@@ -64,10 +64,6 @@ def test_accumulated_micro_batches_train_like_one_large_batch(runs):
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.py logs the last micro-batch's loss and gradient norm, not those of the whole step",
-)
 def test_accumulated_steps_log_the_large_batch_loss(runs):
     """An optimizer step's loss is the mean over its micro-batches, its gradient norm that of the
     mean gradient (the one clipped and applied): here both equal the large batch's. (Not the

@@ -48,21 +48,19 @@ def damaged_copy(straight, tmp_path, damage):
     return workdir
 
 
-def largest_file(directory):
-    files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
-    return max(files, key=os.path.getsize)
-
-
-def truncate(path):
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
+def truncate_array_files(directory):
+    """Cuts every array data file (TensorStore's OCDBT `d/` files) of `directory` in half."""
+    for folder, _, names in os.walk(directory):
+        for name in names if os.path.basename(folder) == "d" else ():
+            with open(os.path.join(folder, name), "r+b") as f:
+                f.truncate(os.path.getsize(f.name) // 2)
 
 
 DAMAGES = {
     "opt_state item missing": lambda step: shutil.rmtree(os.path.join(step, "opt_state")),
     "data item missing": lambda step: shutil.rmtree(os.path.join(step, "data")),
     "action_stats item missing": lambda step: shutil.rmtree(os.path.join(step, "action_stats")),
-    "params array file truncated": lambda step: truncate(largest_file(os.path.join(step, "params"))),
+    "params array files truncated": lambda step: truncate_array_files(os.path.join(step, "params")),
     "params _METADATA deleted": lambda step: os.remove(os.path.join(step, "params", "_METADATA")),
 }
 
@@ -79,6 +77,8 @@ def test_a_damaged_latest_step_falls_back_to_the_intact_one_before(fault, record
         train.train(config, workdir)
     assert "checkpoint step 4" in caplog.text and "trying the step before" in caplog.text
     assert "restored step 2" in caplog.text
+    aside = os.listdir(os.path.join(workdir, "unusable_checkpoints"))  # kept, not deleted
+    assert len(aside) == 1 and aside[0].startswith("4.")
     (step_a, a), (step_b, b) = final_params(config, straight), final_params(config, workdir)
     assert step_a == step_b == config.total_steps
     jax.tree.map(np.testing.assert_array_equal, a, b)
