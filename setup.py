@@ -21,6 +21,7 @@ setuptools.setup(
         "h5py",
         "importlib_resources",  # tensorflow-datasets needs it without TensorFlow
         "jax",
+        "matplotlib",
         "ml-collections",
         "numpy",
         "optax",
@@ -35,9 +36,16 @@ setuptools.setup(
         "tqdm",
         "transformers",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    extras_require={
+        # Meta-World closed-loop evaluation of policies (caip-policy-eval --suite metaworld).
+        "sim": ["metaworld", "gymnasium", "mujoco"],
+        # libtpu, so caip-compile and its tests compile for TPU topologies on a CPU host.
+        "tpu": ["jax[tpu]"],
+        "test": ["pytest", "pytest-xdist", "metaworld", "gymnasium", "mujoco", "jax[tpu]"],
+    },
     entry_points={
         "console_scripts": [
+            "caip-compile=tools.compile:run",
             "caip-demo=tools.demo:run",
             "caip-export-torch=tools.export_torch:run",
             "caip-import-siglip2=tools.import_siglip2:run",
@@ -46,6 +54,7 @@ setuptools.setup(
             "caip-linear-probe=tools.linear_probe:run",
             "caip-make-records=tools.make_records:run",
             "caip-model-info=tools.model_info:run",
+            "caip-policy-eval=tools.policy_eval:run",
             "caip-records-to-tfds=tools.records_to_tfds:run",
             "caip-saliency=tools.saliency:run",
             "caip-train=tools.train:run",

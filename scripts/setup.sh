@@ -4,6 +4,11 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 stamp="$venv/.installed-$(cat "$root/constraints.txt" "$root/setup.py" | sha1sum | cut -c1-12)"
+# Meta-World renders with MuJoCo through OSMesa (CPU): Debian's libosmesa6, once, as root.
+if ! ldconfig -p | grep -q libOSMesa && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+  echo "Installing libosmesa6 (MuJoCo's CPU renderer)..."
+  (apt-get install -y -q libosmesa6 || (apt-get update -q && apt-get install -y -q libosmesa6)) > /dev/null
+fi
 if [ ! -f "$stamp" ]; then
   echo "Installing caip-jax and its pinned dependencies into $venv (about a minute)..."
   python3 -m venv "$venv"
