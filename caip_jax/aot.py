@@ -60,6 +60,11 @@ def topology_devices(topology: str, num_slices: int = 1, chip_config: str = "") 
         raise ConfigError(f"--topology={topology!r}: libtpu refuses it ({reason}); use {TOPOLOGY_FORMS}") from None
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _fix_hint(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, source: str) -> str:
     return (
         f"{source} (model.variant={config.model.variant!r}, batch_size={config.batch_size}, "
@@ -79,9 +84,10 @@ def compile_step(
 
     parameters; per-device argument, output (less what aliases donated arguments), temporary
     and generated-code bytes, their sum and its fraction of the device's HBM limit; FLOPs per
-    device as compiled (XLA counts a scan body once, rematerialisation included) and model
-    FLOPs per step and per sample (`caip_jax.flops`); the step time and samples/s if the chip
-    ran all of the model's and rematerialisation's matmuls at `mfu` of its peak; lowering and
+    device as compiled (rematerialisation included; XLA counts a scan body once, so with
+    model.scan one block per tower) and model FLOPs per step and per sample (`caip_jax.flops`);
+    the step time and samples/s if the chip ran the model's and rematerialisation's matmuls
+    (`flops.remat_flops_per_sample`) at `mfu` of its peak, and the MFU that makes; lowering and
     compile seconds; this process's peak host memory. `source` (the config file) names the
     config in the error raised when it does not fit.
     """
@@ -97,14 +103,14 @@ def compile_step(
     start = time.perf_counter()
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         lowered = train_step.jit_train_step(run, opt, config, mean, std).lower(params, opt.abstract_state, batch)
-    lowered_at = time.perf_counter()
+    lowered_at, cpu_before = time.perf_counter(), _cpu_seconds()
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as error:
         if not _OUT_OF_MEMORY.search(str(error)):
             raise
         raise ConfigError(f"{_fix_hint(config, run.mesh, source)}; the compiler: {str(error).splitlines()[0]}") from None
-    compiled_at = time.perf_counter()
+    compiled_at, cpu_after = time.perf_counter(), _cpu_seconds()
 
     device = devices[0]
     hbm = metrics.hbm_bytes_per_device(device)
@@ -132,6 +138,7 @@ def compile_step(
         mesh=dict(run.mesh.shape),
         batch_size=config.batch_size,
         remat_policy=config.model.remat_policy,
+        scan=config.model.scan,
         loss=config.loss,
         parameters=sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)),
         memory_per_device=dict(per_device, total_bytes=total, hbm_bytes=hbm, hbm_fraction=total / hbm if hbm else None),
@@ -146,5 +153,6 @@ def compile_step(
         estimated_mfu=mfu * model_per_device / executed_per_device,
         lowering_seconds=lowered_at - start,
         compile_seconds=compiled_at - lowered_at,
+        compile_cpu_seconds=cpu_after - cpu_before,  # all threads: what the time is on a busy host
         host_peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
