@@ -48,10 +48,10 @@ def frames_per_second(env, steps: int, render=None) -> dict:
 
 
 def rendering(task: str, steps: int) -> dict:
+    from caip_jax.policy import metaworld_env  # first: it picks MuJoCo's offscreen OpenGL
+
     import mujoco
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
-
-    from caip_jax.policy import metaworld_env
 
     out = {}
     env = metaworld_env.MetaWorldTask(task, image_size=None)

@@ -2,6 +2,8 @@
 and read back are the expert's, rollouts are a function of their seed, a state policy learns
 an easy task, and bad input is refused by name."""
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -111,6 +113,18 @@ def test_unknown_task_suite_and_action_size_are_refused(quick):
         train.train(config, same, os.path.join(root, "policy"))
     config.total_steps = 30
     assert train.train(config, same, os.path.join(root, "policy"), devices=jax.devices()[:1]).config.total_steps == 30
+
+
+def test_rendering_without_offscreen_gl_is_named():
+    """MuJoCo imported first without MUJOCO_GL picks glfw (a display): say so, not MuJoCo's
+    'an OpenGL platform library has not been loaded'."""
+    code = ("import mujoco\nfrom caip_jax.policy import metaworld_env\n"
+            "metaworld_env.MetaWorldTask('button-press-v3', image_size=None).close()\n"
+            "metaworld_env.MetaWorldTask('button-press-v3', image_size=32)")
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1
+    assert "RuntimeError: mujoco was imported before caip_jax.policy.metaworld_env with MUJOCO_GL unset" in done.stderr
 
 
 @pytest.mark.slow

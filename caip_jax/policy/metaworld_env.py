@@ -16,8 +16,12 @@ on `close`, which avoids the gymnasium viewer's defects with several or closed e
 rows are flipped.
 """
 import os
+import sys
 import warnings
 
+# MuJoCo picks its OpenGL platform when first imported: without MUJOCO_GL, glfw, which needs a
+# display. Imported earlier without it, it cannot render here (named in MetaWorldTask).
+_NO_OFFSCREEN_GL = "mujoco" in sys.modules and "MUJOCO_GL" not in os.environ
 os.environ.setdefault("MUJOCO_GL", "osmesa")
 
 import mujoco  # noqa: E402
@@ -61,6 +65,9 @@ class MetaWorldTask:
         self.action_dim = int(self._env.action_space.shape[0])
         self._renderer, self._obs = None, None
         if image_size:
+            if _NO_OFFSCREEN_GL:
+                raise RuntimeError("mujoco was imported before caip_jax.policy.metaworld_env with MUJOCO_GL unset, so it "
+                                   "has no offscreen OpenGL: set MUJOCO_GL=osmesa (or egl), or import this module first")
             cameras = [self._env.model.camera(i).name for i in range(self._env.model.ncam)]
             if self.camera not in cameras:
                 raise ValueError(f"camera {self.camera!r} is not in {task}; valid: {', '.join(cameras)}")
