@@ -2,7 +2,8 @@
 load with `trust_remote_code=True` (the code is ours: caip_jax/export/hf/).
 
 The directory holds config.json (with `auto_map`), configuration_caip.py, modeling_caip.py,
-processing_caip.py, the tokenizer and preprocessor files, model.safetensors, and
+processing_caip.py, the tokenizer and preprocessor files, action_stats.json (the checkpoint's
+action normalisation, which the processor applies to raw poses), model.safetensors, and
 caip_config.json: the whole training config, so that `import_torch` can bring a model
 fine-tuned in PyTorch back as a run that `caip-train` continues.
 """
@@ -144,7 +145,10 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
     config.save_pretrained(out)
     for name in MODEL_CODE:
         shutil.copy(os.path.join(HF_CODE, name), out)
-    CAIPProcessor(tokenizer, image_size=run.model.image_size, text_length=run.model.text.length).save_pretrained(out)
+    # None for an imported step 0: the processor then refuses poses, saying why.
+    action_stats = checkpoints.restore_json(step, "action_stats")
+    CAIPProcessor(tokenizer, image_size=run.model.image_size, text_length=run.model.text.length,
+                  action_stats=action_stats).save_pretrained(out)
     with open(os.path.join(out, RUN_CONFIG), "w") as f:
         json.dump(run.to_dict(), f, indent=2)
     checkpoints.close()
@@ -154,8 +158,9 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
 
 
 def import_torch(hf_dir: str, workdir: str, run: ml_collections.ConfigDict | None = None) -> int:
-    """Writes step 0 of `workdir` (params and config; `caip-train` creates the optimizer state)
-    from the Hugging Face directory `hf_dir` that `export` wrote, fine-tuned or not.
+    """Writes step 0 of `workdir` (params and config, marked as an import: `caip-train` starts
+    from it with a new optimizer state) from the Hugging Face directory `hf_dir` that `export`
+    wrote, fine-tuned or not.
 
     The run config is `run`, else the directory's caip_config.json, else the defaults; its model
     sizes always come from config.json, and its model.scan chooses the parameter layout (so an
@@ -171,7 +176,7 @@ def import_torch(hf_dir: str, workdir: str, run: ml_collections.ConfigDict | Non
     run = run.copy_and_resolve_references()
     run.model = model_config(CAIPConfig.from_pretrained(hf_dir), run.model)
     checkpoints = Checkpoints(workdir, asynchronous=False)
-    if checkpoints.latest_step() is not None:
+    if checkpoints.latest_step() is not None:  # before reading the weights, as save_import would
         raise ValueError(f"{workdir} already holds step {checkpoints.latest_step()}: use a new workdir")
     heads = head_counts(run.model)
     flat = {}
@@ -179,7 +184,7 @@ def import_torch(hf_dir: str, workdir: str, run: ml_collections.ConfigDict | Non
         for name in f.keys():
             flat.update(torch_names.to_caip({name: f.get_tensor(name).float().numpy()}, heads))
     params = replace_towers(abstract_params(run.model), flat, towers=PARTS, source=f"{hf_dir}/model.safetensors")
-    checkpoints.save(0, params, config=run)
+    checkpoints.save_import(params, run, hf_dir)
     checkpoints.close()
     train.save_config(run, workdir)
     return 0
