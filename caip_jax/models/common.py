@@ -1,8 +1,9 @@
 """Transformer pieces shared by the three towers and the pooling.
 
 Parameter names follow big_vision (`MlpBlock_0/Dense_0`, `MultiHeadDotProductAttention_0/query`,
-`encoderblock_{i}` or scanned `encoderblock`, `encoder_norm`, `MAPHead_0/probe`) so SigLIP 2 checkpoints map onto them
-by name. Every parameter carries logical axis names; `caip_jax.sharding` maps them to the mesh.
+`encoderblock_{i}` or scanned `encoderblock`, `encoder_norm`, `MAPHead_0/probe`) so SigLIP 2
+checkpoints map onto them by name. Every parameter carries logical axis names;
+`caip_jax.sharding` maps them to the mesh.
 Shapes: B batch, N tokens, Q queries, D width, H heads, K = D / H head width.
 """
 from typing import Any
