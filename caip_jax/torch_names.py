@@ -2,9 +2,10 @@
 
 The PyTorch side keeps Hugging Face `SiglipModel`'s names for the image and text towers, so one
 table serves the SigLIP 2 import (`init/`: HF -> CAIP) and the PyTorch export of a whole CAIP
-(`export/`: CAIP -> HF) and its way back. CAIP names are per block ('encoderblock_{i}'):
-scanned parameters go through `caip_jax.models.layout` first. The action tower (`action_model.`) and the two pooling stages (`pooling.`)
-extend the same conventions. Layout differences, per tensor:
+(`export/`: CAIP -> HF) and its way back. The action tower (`action_model.`) and the two
+pooling stages (`pooling.`) extend the same conventions. CAIP names here are per block
+('encoderblock_{i}'): scanned parameters go through `caip_jax.models.layout` first. Layout
+differences, per tensor:
 
 - Linear weights are [out, in] in PyTorch, kernels [in, out] in Flax.
 - Attention projections are [H*K, D] in PyTorch and [D, H, K] (query/key/value) or [H, K, D]

@@ -141,7 +141,7 @@ def model_from_config(config: ml_collections.ConfigDict) -> CAIP:
     size = validate(config)
     # Run configs saved before model.scan existed describe per-block models.
     encoder = dict(dtype=DTYPES[config.dtype], remat_policy=config.remat_policy, scan=config.get("scan", False))
-    tower = dict(width=size["width"], depth=size["depth"], mlp_dim=size["mlp_dim"], num_heads=size["num_heads"], **encoder)
+    tower = dict(**{k: size[k] for k in ("width", "depth", "mlp_dim", "num_heads")}, **encoder)
     act = config.action
     return CAIP(
         img=ViT(patch_size=size["patch_size"], **tower),
