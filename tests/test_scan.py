@@ -47,7 +47,8 @@ def test_stacked_parameters_are_the_scanned_models_tree(per_block_params):
     assert {k: v.shape for k, v in stacked.items()} == {k: v.shape for k, v in wanted.items()}
     name = "img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"
     for i in range(tiny.DEPTH):
-        np.testing.assert_array_equal(stacked[name][i], flat(per_block_params)[name.replace("encoderblock", f"encoderblock_{i}")])
+        block = flat(per_block_params)[name.replace("encoderblock", f"encoderblock_{i}")]
+        np.testing.assert_array_equal(stacked[name][i], block)
 
 
 def outputs_and_gradients(config, params, batch, weights=None):
@@ -118,8 +119,8 @@ def test_scanned_parameters_are_sharded_like_each_block():
     config = config_of(True)
     model = model_from_config(config)
     specs = nn.get_partition_spec(jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(config))))
-    spec = flat(specs["params"])["img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"]
-    assert spec == PartitionSpec("layers", "embed", "mlp")
+    name = "img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"
+    assert flat(specs["params"])[name] == PartitionSpec("layers", "embed", "mlp")
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, sharding.LOGICAL_AXIS_RULES)
-    assert flat(shardings["params"])["img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"].spec == PartitionSpec(None, "fsdp", "tensor")
+    assert flat(shardings["params"])[name].spec == PartitionSpec(None, "fsdp", "tensor")
