@@ -167,7 +167,8 @@ def import_siglip2(config: ml_collections.ConfigDict, path: str, workdir: str) -
     """Writes step 0 of `workdir` (params and config, marked as imported) with SigLIP 2's towers
     from `path`; `train` continues from it. Refuses a workdir that already has checkpoints."""
     checkpoints = Checkpoints(workdir)
-    checkpoints.save_import(run_state.initial_params(run_state.setup(config), config.seed, path), config, path)
+    params = run_state.initial_params(run_state.setup(config), config.seed, path, config.init.siglip2_logit_scalars)
+    checkpoints.save_import(params, config, path)
     checkpoints.close()
     save_config(config, workdir)
     return 0
@@ -200,7 +201,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     restored = checkpoints.restore_run(params_abstract, opt.abstract_state, iterator)
     start, progress = 0, {}
     if restored is None:
-        params = run_state.initial_params(run, config.seed, config.init.siglip2)
+        params = run_state.initial_params(run, config.seed, config.init.siglip2, config.init.siglip2_logit_scalars)
         opt_state = opt.init(params)
     elif "opt_state" not in restored[1]:  # written by an import: its parameters start the run
         logging.info("starting from the parameters imported from %s", restored[1]["progress"]["imported_from"])
