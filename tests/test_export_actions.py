@@ -4,6 +4,8 @@ action input as training does (against caip_jax.actions and the on-device chunki
 AutoProcessor + AutoModel give the JAX model's action embedding."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -163,6 +165,30 @@ def test_autoprocessor_and_automodel_give_the_jax_action_embedding(trained, reco
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
+# Run in a fresh interpreter where importing JAX or caip_jax fails, as on a PyTorch-only machine.
+STANDALONE = """
+import sys
+sys.modules["jax"] = sys.modules["caip_jax"] = None
+import numpy as np
+import transformers
+processor = transformers.AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+inputs = np.load("inputs.npz")
+np.savez("outputs.npz", **processor.actions(inputs["poses"], inputs["valid"]))
+"""
+
+
+def test_the_exported_processor_runs_without_jax(trained, record_set, tmp_path):
+    _, _, out = trained
+    poses, valid = random_poses(np.random.default_rng(4), 2)
+    np.savez(tmp_path / "inputs.npz", poses=poses, valid=valid)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", STANDALONE, out], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    got, expected = np.load(tmp_path / "outputs.npz"), CAIPProcessor.from_pretrained(out).actions(poses, valid)
+    for name in ("action", "action_mask"):
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
 def test_bad_poses_and_sources_are_one_line_errors(record_set):
     rng = np.random.default_rng(2)
     poses, valid = random_poses(rng, 2)
@@ -173,6 +199,7 @@ def test_bad_poses_and_sources_are_one_line_errors(record_set):
         "valid of dtype float64": lambda: per_source.actions(poses, valid.astype(float), "lab"),
         "valid of dtype bool and shape \\(2, 9\\)": lambda: per_source.actions(poses, valid[..., 0], "lab"),
         "both poses= .* and valid=": lambda: per_source(poses=poses, source="lab"),
+        "both poses= .* and valid= ": lambda: per_source(text="pick up cup 1", source="lab"),
         "statistics per source: pass source= one of \\['lab', 'robot'\\]": lambda: per_source.actions(poses, valid),
         "source='wild': give one of \\['lab', 'robot'\\]": lambda: per_source.actions(poses, valid, "wild"),
         "a list of 2 of them": lambda: per_source.actions(poses, valid, ["lab"]),

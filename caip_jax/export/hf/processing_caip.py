@@ -136,7 +136,7 @@ class CAIPProcessor:
             data["pixel_values"] = self.preprocess_images(images)
         if text is not None:
             data["input_ids"] = self.tokenize(text)
-        if poses is not None or valid is not None:
+        if poses is not None or valid is not None or source is not None:
             data.update(self.actions(poses, valid, source))
         return BatchFeature(data, tensor_type=return_tensors)
 
@@ -170,6 +170,7 @@ class CAIPProcessor:
                 "mark it False in valid"
             )
         mean, std = self._source_stats(source, len(poses))
+        # caip_jax.actions.action_chunk and normalize, repeated: the export runs without caip_jax.
         poses = np.where(valid[..., None, None, None], poses, np.eye(4))
         rot, trans = poses[..., :3, :3], poses[..., :3, 3]
         ref = slice(0, 1) if stats["delta"] == "anchor" else slice(0, -1)
