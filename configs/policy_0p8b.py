@@ -10,5 +10,4 @@ def get_config():
     config.batch_size = 256
     config.total_steps = 30_000
     config.optim.update(learning_rate=3e-4, warmup_steps=1000, weight_decay=0.01, b2=0.95)
-    config.checkpoint.every_steps = 2000
     return config

@@ -33,7 +33,6 @@ def policy_config(size: str = "tiny") -> ml_collections.ConfigDict:
     config.optim = optim.optim_config()
     config.optim.update(learning_rate=1e-3, warmup_fraction=0.05, weight_decay=1e-4, b2=0.999)
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=1))
     return config
 
 

@@ -22,8 +22,9 @@ from caip_jax.policy import lerobot_writer
 from caip_jax.policy.environment import Environment
 
 GENERATION = "meta/generation.json"  # how generated demonstrations were made (for reuse)
-DEMO_SEED_OFFSET = 0  # demonstration i uses reset seed seed + i ...
-HELD_OUT_SEED_OFFSET = 1_000_000  # ... and rollout j seed + 1_000_000 + j: never a demo's placement
+# Demonstration i uses reset seed `seed + i`, held-out rollout j `seed + HELD_OUT_SEED_OFFSET + j`:
+# never a demonstration's placement.
+HELD_OUT_SEED_OFFSET = 1_000_000
 
 
 @dataclasses.dataclass
@@ -73,7 +74,7 @@ def generate(env: Environment, root: str, count: int, seed: int, description: di
         return stored
     camera_key = f"observation.images.{description['camera']}" if description.get("image_size") else None
     writer = lerobot_writer.Writer(root, env.fps, camera_key, robot_type=description.get("suite", "unknown"))
-    kept, failed, next_seed = 0, [], seed + DEMO_SEED_OFFSET
+    kept, failed, next_seed = 0, [], seed
     with tqdm.tqdm(total=count, unit="demo", desc=f"demonstrations ({env.task})") as bar:
         while kept < count:
             if len(failed) > count:

@@ -129,7 +129,9 @@ def evaluate_simulated(specs: list[str], config: ml_collections.ConfigDict, run:
     return results
 
 
-def _rollouts(encoder, policy, run: Simulated, task: str, strips: str) -> list:
+def _rollouts(encoder, policy, run: Simulated, task: str, pictures: str) -> list:
+    """`run.episodes` rollouts on held-out seeds; the first `run.strips` are saved as
+    `pictures`_j.gif and .png."""
     env = environment.make(run.suite, task, run.image_size if encoder.needs_images or run.strips else None,
                            run.camera, run.max_steps)
     try:
@@ -141,9 +143,9 @@ def _rollouts(encoder, policy, run: Simulated, task: str, strips: str) -> list:
         for j, seed in enumerate(tqdm.tqdm(seeds, unit="episode", desc=f"rollouts ({encoder.name}, {task})")):
             result = rollout(env, encoder, policy, seed, record_frames=j < run.strips)
             if result.frames is not None:
-                os.makedirs(os.path.dirname(strips) or ".", exist_ok=True)
-                report.save_gif(result.frames, f"{strips}_{j}.gif", fps=20)
-                report.save_strip(result.frames, f"{strips}_{j}.png")
+                os.makedirs(os.path.dirname(pictures), exist_ok=True)
+                report.save_gif(result.frames, f"{pictures}_{j}.gif", fps=20)
+                report.save_strip(result.frames, f"{pictures}_{j}.png")
             results.append(result)
         return results
     finally:

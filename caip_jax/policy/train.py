@@ -5,7 +5,9 @@ mesh of `config.mesh`), the optimizer is the project's (caip_jax.optim), batches
 the mesh's batch axes, and the finished policy is an orbax checkpoint (caip_jax.checkpoint)
 whose config carries what acting needs besides the parameters: the instruction vocabulary,
 the state and action normalisation and the input sizes. A workdir that already holds the
-finished policy is loaded instead of trained again.
+finished policy is loaded instead of trained again. Only the finished policy is saved: the
+policies here train in minutes, and continuing one mid-run would need the optimizer state back
+without a data iterator, which Checkpoints.restore_run does not offer.
 
 Batch k is a seeded draw of rows (numpy, seed and k), and the flow noise and times come from
 `fold_in(key(seed), k)`: the run is a function of the seed and the data.
@@ -158,7 +160,7 @@ def train(config: ml_collections.ConfigDict, data: TrainingSet, workdir: str,
     (default: all) and saves it to `workdir`; or loads the finished policy from `workdir` if it
     is there (checking that it fits `data`)."""
     policy_config.validate(config)
-    checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep, asynchronous=False)
+    checkpoints = Checkpoints(workdir, keep=1, asynchronous=False)
     finished = checkpoints.latest_step()
     if finished is not None:
         check_fits(checkpoints.restore_config(finished), config, data, workdir)
