@@ -303,11 +303,16 @@ def test_streamed_safetensors_read_back(tmp_path):
 
 
 def test_the_directory_holds_the_hf_files(trained):
-    config, _, out = trained
+    config, workdir, out = trained
     for name in ("config.json", "configuration_caip.py", "modeling_caip.py", "processing_caip.py",
                  "processor_config.json", "preprocessor_config.json", "tokenizer.model", "model.safetensors",
-                 "caip_config.json"):
+                 "caip_config.json", "action_stats.json"):
         assert os.path.isfile(os.path.join(out, name)), name
+    # The action statistics caip-train kept in its checkpoint travel with the export.
+    checkpoints = Checkpoints(workdir)
+    with open(os.path.join(out, "action_stats.json")) as f:
+        assert json.load(f) == checkpoints.restore_json(checkpoints.latest_step(), "action_stats")
+    checkpoints.close()
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["auto_map"] == {"AutoConfig": "configuration_caip.CAIPConfig", "AutoModel": "modeling_caip.CAIPModel"}
     # preprocessor_config.json describes what the processor does, in image-processor terms.
