@@ -111,6 +111,24 @@ def test_caip_export_gives_the_pytorch_models_outputs(caip_export, tmp_path):
     assert encoders.caip_config(export).model.to_dict() == encoders.caip_config(workdir).model.to_dict()
 
 
+def test_siglip2_baseline_sees_with_siglip2s_image_tower(caip_export, tmp_path):
+    """`siglip2:PATH` is CAIP (of the reference config) with SigLIP 2's towers: its patch
+    features are the HF SigLIP vision tower's on the same resized frames."""
+    hf = tiny.random_hf_siglip(tiny.hf_siglip_config(), seed=5)
+    hf.save_pretrained(str(tmp_path / "siglip2"))
+    reference = encoders.caip_config(caip_export[1])
+    reference.model = tiny.tiny_model_config()  # the towers' sizes of hf_siglip_config
+    encoder = encoders.load(f"siglip2:{tmp_path / 'siglip2'}", "patches", reference, cache="")
+    assert encoder.name == "siglip2"
+    images = frames()
+    size = (tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    pixels = np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BILINEAR)) for f in images])
+    with torch.no_grad():
+        want = hf.vision_model(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2) / 127.5 - 1).float())
+    np.testing.assert_allclose(encoder.encode(images, ["press the button"] * 3, None),
+                               want.last_hidden_state.numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_paths_that_name_no_encoder_are_refused(tmp_path):
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
