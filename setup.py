@@ -38,10 +38,11 @@ setuptools.setup(
     ],
     extras_require={
         # Meta-World closed-loop evaluation of policies (caip-policy-eval --suite metaworld).
-        "sim": ["metaworld", "gymnasium", "mujoco"],
+        # (gymnasium's MuJoCo renderer imports packaging without depending on it.)
+        "sim": ["metaworld", "gymnasium", "mujoco", "packaging"],
         # libtpu, so caip-compile and its tests compile for TPU topologies on a CPU host.
         "tpu": ["jax[tpu]"],
-        "test": ["pytest", "pytest-xdist", "metaworld", "gymnasium", "mujoco", "jax[tpu]"],
+        "test": ["pytest", "pytest-xdist", "metaworld", "gymnasium", "mujoco", "packaging", "jax[tpu]"],
     },
     entry_points={
         "console_scripts": [
