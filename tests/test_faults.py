@@ -59,7 +59,6 @@ def truncate_array_files(directory):
 DAMAGES = {
     "opt_state item missing": lambda step: shutil.rmtree(os.path.join(step, "opt_state")),
     "data item missing": lambda step: shutil.rmtree(os.path.join(step, "data")),
-    "action_stats item missing": lambda step: shutil.rmtree(os.path.join(step, "action_stats")),
     "params array files truncated": lambda step: truncate_array_files(os.path.join(step, "params")),
     "params _METADATA deleted": lambda step: os.remove(os.path.join(step, "params", "_METADATA")),
 }
