@@ -37,7 +37,10 @@ def topology_devices(topology: str, num_slices: int = 1, chip_config: str = "") 
     compile-only devices; or, for 'gpu', this host's GPUs. `chip_config` 'megacore' makes each
     v4 chip one device (its two TensorCores together), as v5p chips are by default."""
     if topology == "gpu":
-        return jax.devices("gpu")
+        try:
+            return jax.devices("gpu")
+        except RuntimeError:  # JAX's "Unknown backend" when it sees no GPU
+            raise ConfigError("--topology=gpu: JAX sees no GPU on this host; name a TPU topology instead") from None
     if not _TOPOLOGY.fullmatch(topology):
         raise ConfigError(f"--topology={topology!r} is not a topology: use {TOPOLOGY_FORMS}")
     if num_slices < 1:

@@ -99,6 +99,11 @@ def test_unknown_topology_is_named(topology, message):
         aot.topology_devices(topology)
 
 
+def test_gpu_without_one_is_named():
+    with pytest.raises(aot.ConfigError, match=r"^--topology=gpu: JAX sees no GPU on this host"):
+        aot.topology_devices("gpu")
+
+
 def test_mesh_that_does_not_take_the_topology_is_named():
     config = tiny_run_config.get_config()
     config.mesh.update(data=3, fsdp=1)
