@@ -1,0 +1,178 @@
+"""Pod plans, and the compile of scanned against unscanned layers, by caip-compile (the step
+compiled ahead of time for TPU topologies by libtpu on this CPU host).
+
+  python benchmarks/compile.py [--parts scan,plans] [--max_hbm_fraction 0.8]
+
+`scan`: L/16 at batch 16384 on v5p-128 (v5p:4x4x4) with `--scan_remat`, compiled unscanned and
+scanned in this run: compile time, host memory, FLOPs and memory per device of both. The
+unscanned compile takes 8-17 minutes and 12-15 GB of host memory: it starts only with more than
+16 GiB available, and its figures, once in the JSON, are never recomputed.
+
+`plans`: for each config, global batch and topology, the fastest plan that fits: remat policies
+in the order of their estimated step time (none = dots < dots_no_batch < full: matmul FLOPs
+recomputed, `caip_jax.flops.remat_flops_per_sample`), the first whose step needs at most
+`--max_hbm_fraction` of HBM (the rest is headroom for what the compiler does not see: batches
+in flight, checkpoint copies, fragmentation, a longer text). The estimate (the model's and the
+recomputed matmuls at 50% of the chip's peak) ignores communication, so it cannot rank meshes:
+the mesh is fsdp over every chip (the least memory per device), or data x fsdp with the
+smallest data that the parameter widths divide. A policy that did not fit for a model on a
+chip at some batch per device is not tried at a larger one.
+
+Every compile is its own caip-compile process (its host memory is its own); each result is
+written to benchmarks/results/compile.json as soon as it is known and reused by a later run.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+import results_io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POLICIES = ("none", "dots", "dots_no_batch", "full")  # by estimated step time
+
+flags.DEFINE_list("parts", ["scan", "plans"], "What to measure: scan, plans.")
+flags.DEFINE_list("configs", ["configs/caip_vitl16_256.py", "configs/caip_so400m16_256.py"], "Configs to plan.")
+flags.DEFINE_list("batches", ["16384", "32768"], "Global batch sizes.")
+flags.DEFINE_list("topologies", ["v5p:4x4x4", "v5p:4x8x8", "v5e:16x16", "v6e:16x16"], "TPU topologies (v5p-128, v5p-512, v5e-256, v6e-256).")
+flags.DEFINE_float("max_hbm_fraction", 0.8, "A plan fits if its step needs at most this fraction of HBM.")
+flags.DEFINE_string("scan_remat", "dots_no_batch", "Remat policy of the scanned-vs-unscanned comparison.")
+flags.DEFINE_integer("timeout", 3600, "Seconds one compile may take.")
+flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "compile.json"), "The results (and cache).")
+FLAGS = flags.FLAGS
+
+
+def chips(topology: str) -> int:
+    return math.prod(int(n) for n in topology.split(":")[1].split("x"))
+
+
+def load() -> dict:
+    if os.path.exists(FLAGS.out):
+        with open(FLAGS.out) as f:
+            return json.load(f)
+    return dict(compiles={})
+
+
+def available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":") for line in f)
+    return int(fields["MemAvailable"].split()[0]) / 2**20
+
+
+def caip_compile(results: dict, config: str, topology: str, **overrides) -> dict:
+    """caip-compile's report (`fits`: True), or {fits: False, error} if the config does not fit
+    or the mesh does not divide the model; from the results if compiled before."""
+    key = " ".join([config, topology, *[f"{k}={v}" for k, v in sorted(overrides.items())]])
+    if key in results["compiles"]:
+        return results["compiles"][key]
+    out = FLAGS.out + ".tmp"
+    command = [sys.executable, "-m", "tools.compile", "--config", config, "--topology", topology, "--out", out]
+    command += [f"--config.{k}={v}" for k, v in overrides.items()]
+    print("compiling", key, flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=FLAGS.timeout)
+    if done.returncode == 0:
+        with open(out) as f:
+            result = dict(json.load(f), fits=True)
+        os.remove(out)
+    else:
+        error = done.stderr.strip().splitlines()[-1]
+        if not error.startswith("caip-compile: "):  # not a config that does not fit: a failure
+            raise RuntimeError(f"{key}: {done.stderr[-3000:]}")
+        result = dict(fits=False, error=error)
+    result.update(wall_seconds=time.perf_counter() - start, load_average=os.getloadavg()[0])
+    results["compiles"][key] = result
+    save(results)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def save(results: dict) -> None:
+    results["machine"] = results_io.machine()
+    with open(FLAGS.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def fits(result: dict) -> bool:
+    return result["fits"] and result["memory_per_device"]["hbm_fraction"] <= FLAGS.max_hbm_fraction
+
+
+def scan_comparison(results: dict) -> dict:
+    config, topology = "configs/caip_vitl16_256.py", "v5p:4x4x4"
+    common = {"batch_size": 16384, "model.remat_policy": FLAGS.scan_remat, "mesh.data": 1, "mesh.fsdp": -1}
+    scanned = caip_compile(results, config, topology, **common, **{"model.scan": True})
+    key = " ".join([config, topology, *[f"{k}={v}" for k, v in sorted({**common, "model.scan": False}.items())]])
+    if key not in results["compiles"] and available_gib() <= 16:
+        print(f"skipping the unscanned compile: {available_gib():.1f} GiB available, it needs 12-15", flush=True)
+        return {}
+    unscanned = caip_compile(results, config, topology, **common, **{"model.scan": False})
+    figures = lambda r: {
+        k: r.get(k)
+        for k in ("compile_seconds", "compile_cpu_seconds", "lowering_seconds", "host_peak_memory_bytes",
+                  "compiled_flops_per_device", "estimated_step_seconds", "load_average")
+    } | dict(memory_per_device=r.get("memory_per_device"))
+    return dict(
+        scanned=figures(scanned),
+        unscanned=figures(unscanned),
+        compile_speedup=unscanned["compile_seconds"] / scanned["compile_seconds"],
+        compile_cpu_speedup=unscanned["compile_cpu_seconds"] / scanned["compile_cpu_seconds"],
+    )
+
+
+def meshes() -> list[dict]:
+    """fsdp over every chip, then data x fsdp with data 2, 4 (for widths fsdp does not divide)."""
+    return [{"mesh.data": data, "mesh.fsdp": -1} for data in (1, 2, 4)]
+
+
+def plan(results: dict, config: str, batch: int, topology: str, failed: set) -> dict:
+    """The first policy (and mesh) that fits, by estimated step time; `failed` holds
+    (config, chip, policy, batch per chip) that did not fit, for skipping larger batches."""
+    chip, per_chip = topology.split(":")[0], batch // chips(topology)
+    tried = []
+    for policy in POLICIES:
+        if any(c == config and k == chip and p == policy and b <= per_chip for c, k, p, b in failed):
+            tried.append(dict(remat_policy=policy, skipped="did not fit at a smaller batch per chip"))
+            continue
+        for mesh in meshes():
+            overrides = {"batch_size": batch, "model.scan": True, "model.remat_policy": policy, **mesh}
+            result = caip_compile(results, config, topology, **overrides)
+            if result["fits"] or "does not fit" in result["error"]:
+                break  # a mesh that divides the model: the others only add memory
+        tried.append(dict(remat_policy=policy, mesh=mesh, fits=fits(result),
+                          hbm_fraction=result.get("memory_per_device", {}).get("hbm_fraction")))
+        if fits(result):
+            return dict(config=config, batch_size=batch, topology=topology, remat_policy=policy,
+                        mesh=result["mesh"], tried=tried, **summary(result))
+        failed.add((config, chip, policy, per_chip))
+    return dict(config=config, batch_size=batch, topology=topology, remat_policy=None, tried=tried)
+
+
+def summary(result: dict) -> dict:
+    keys = ("estimated_step_seconds", "estimated_samples_per_second", "estimated_mfu", "compile_seconds",
+            "compile_cpu_seconds", "host_peak_memory_bytes", "parameters", "model_flops_per_sample")
+    return {k: result[k] for k in keys} | dict(hbm_fraction=result["memory_per_device"]["hbm_fraction"])
+
+
+def main(argv):
+    del argv
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    results = load()
+    results["max_hbm_fraction"] = FLAGS.max_hbm_fraction
+    if "scan" in FLAGS.parts:
+        results["scan_vs_unscanned"] = scan_comparison(results)
+        save(results)
+    if "plans" in FLAGS.parts:
+        failed = set()
+        cells = [(c, int(b), t) for c in FLAGS.configs for t in FLAGS.topologies for b in FLAGS.batches]
+        cells.sort(key=lambda cell: cell[1] // chips(cell[2]))  # smaller batches per chip first
+        results["plans"] = [plan(results, *cell, failed) for cell in cells]
+        save(results)
+    print(json.dumps({k: v for k, v in results.items() if k != "compiles"}, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)
