@@ -8,7 +8,8 @@ scanned in this run: compile time, host memory, FLOPs and memory per device of b
 unscanned compile takes 8-17 minutes and 12-15 GB of host memory: it starts only with more than
 16 GiB available, and its figures, once in the JSON, are never recomputed.
 
-`plans`: for each config, global batch and topology, the fastest plan that fits: remat policies
+`plans` (v5p-128 = v5p:4x4x4, v5p-512 = v5p:4x8x8: 256 chips of two TensorCores, v5e-256 and
+v6e-256 = 16x16): for each config, global batch and topology, the fastest plan that fits: remat policies
 in the order of their estimated step time (none = dots < dots_no_batch < full: matmul FLOPs
 recomputed, `caip_jax.flops.remat_flops_per_sample`), the first whose step needs at most
 `--max_hbm_fraction` of HBM (the rest is headroom for what the compiler does not see: batches
