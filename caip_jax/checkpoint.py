@@ -208,7 +208,7 @@ class Checkpoints:
             raise UnusableStep(f"incomplete, no {', '.join(missing)}")
         self.check_shapes(step, "params", abstract_params)
         self.check_shapes(step, "opt_state", abstract_opt_state)
-        json_items = {name: ocp.args.JsonRestore() for name in ("config", "progress", "action_stats")}
+        json_items = {name: ocp.args.JsonRestore() for name in ("config", "action_stats")}  # progress: read above
         args = ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params),
             opt_state=ocp.args.StandardRestore(abstract_opt_state),
@@ -216,7 +216,7 @@ class Checkpoints:
             **json_items,
         )
         restored = self._manager.restore(step, args=args)
-        return {name: restored[name] for name in RUN_ITEMS}
+        return dict({name: restored[name] for name in RUN_ITEMS if name != "progress"}, progress=progress)
 
     def param_metadata(self, step: int) -> dict[str, Any]:
         """Flat parameter names ('img/embedding/kernel') -> orbax metadata (.shape, .dtype),

@@ -251,7 +251,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             step = micro_step // accum
             # An optimizer step's loss and top-1: the means over its (equal-sized) micro-batches;
             # its gradient norm is already the mean gradient's (train_step.applied_gradient_norm).
-            metrics = dict(metrics, **{k: sum(m[k] for m in micro_metrics) / accum for k in ("loss", "top1")})
+            if accum > 1:
+                metrics = dict(metrics, **{k: sum(m[k] for m in micro_metrics) / accum for k in ("loss", "top1")})
             micro_metrics = []
             steps_timed += 1
             finite.add(step, metrics)

@@ -247,7 +247,7 @@ def test_sigkill_at_random_moments_then_resuming_ends_bitwise_equal(record_set, 
     moments = [
         ("while a checkpoint is written", writing),
         ("at start-up or restore", lambda: True),
-        ("after a logged step", lambda start=None: logged_steps() >= 1),
+        ("after a logged step", lambda: logged_steps() >= 1),
     ]
     for name, moment in moments:
         process = launch(flags, devices=8)
