@@ -150,7 +150,7 @@ class Checkpoints:
         return {"params": self._manager.restore(step, args=args)["params"]}
 
     def restore_run(
-        self, abstract_params: PyTree, abstract_opt_state: PyTree, data_iterator: Any
+        self, abstract_params: PyTree, abstract_opt_state: PyTree, data_iterator: Any, data_workers: int
     ) -> tuple[int, dict[str, Any]] | None:
         """The newest step that restores whole: (step, items), or None if there is no step.
 
@@ -158,13 +158,14 @@ class Checkpoints:
         read (a truncated array, a deleted _METADATA), is reported with a warning naming the
         step and why, and the step before it is tried. A step written by `save_import` gives
         only `params` and `progress` (with `imported_from`). A checkpoint of another model
-        shape raises CheckpointMismatch at once. Raises RuntimeError if no step is usable.
+        shape, or whose iterator ran another number of loader processes than `data_workers`,
+        raises CheckpointMismatch at once. Raises RuntimeError if no step is usable.
         """
         steps = sorted(self._manager.all_steps(), reverse=True)
         problems = []
         for step in steps:
             try:
-                restored, reason = self._restore_whole(step, abstract_params, abstract_opt_state, data_iterator), ""
+                restored, reason = self._restore_whole(step, abstract_params, abstract_opt_state, data_iterator, data_workers), ""
             except CheckpointMismatch:
                 raise
             except Exception as error:  # noqa: BLE001 -- any unreadable item makes the step unusable
@@ -198,7 +199,7 @@ class Checkpoints:
             multihost_utils.sync_global_devices("caip_jax.checkpoint: unusable steps set aside")
         self._manager.reload()
 
-    def _restore_whole(self, step, abstract_params, abstract_opt_state, data_iterator) -> dict[str, Any]:
+    def _restore_whole(self, step, abstract_params, abstract_opt_state, data_iterator, data_workers) -> dict[str, Any]:
         stored = self.items(step)
         progress = self.restore_json(step, "progress") or {}
         if "imported_from" in progress:
@@ -208,15 +209,24 @@ class Checkpoints:
             raise UnusableStep(f"incomplete, no {', '.join(missing)}")
         self.check_shapes(step, "params", abstract_params)
         self.check_shapes(step, "opt_state", abstract_opt_state)
-        json_items = {name: ocp.args.JsonRestore() for name in ("config", "action_stats")}  # progress: read above
+        config = self.restore_json(step, "config")
+        # grain's iterator state holds one state per loader process (none with 0), so it restores
+        # only into an iterator with as many; grain's own error would make the step look unusable.
+        saved_workers = config.get("data", {}).get("workers", data_workers)
+        if saved_workers != data_workers:
+            raise CheckpointMismatch(
+                f"step {step} in {self.directory} holds the data iterator of data.workers={saved_workers}, the "
+                f"config has data.workers={data_workers}: the iterator's state is per loader process, so resume "
+                f"with --config.data.workers={saved_workers}"
+            )
         args = ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params),
             opt_state=ocp.args.StandardRestore(abstract_opt_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator),
-            **json_items,
+            action_stats=ocp.args.JsonRestore(),
         )
         restored = self._manager.restore(step, args=args)
-        return dict({name: restored[name] for name in RUN_ITEMS if name != "progress"}, progress=progress)
+        return dict({name: restored[name] for name in ("params", "opt_state", "data", "action_stats")}, config=config, progress=progress)
 
     def param_metadata(self, step: int) -> dict[str, Any]:
         """Flat parameter names ('img/embedding/kernel') -> orbax metadata (.shape, .dtype),

@@ -198,7 +198,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     iterator = pipeline.iterate(batches, workers=config.data.workers)
 
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
-    restored = checkpoints.restore_run(params_abstract, opt.abstract_state, iterator)
+    restored = checkpoints.restore_run(params_abstract, opt.abstract_state, iterator, config.data.workers)
     start, progress = 0, {}
     if restored is None:
         params = run_state.initial_params(run, config.seed, config.init.siglip2, config.init.siglip2_logit_scalars)

@@ -18,7 +18,7 @@ import pytest
 
 import tiny_run_config
 from caip_jax import run_state, train
-from caip_jax.checkpoint import Checkpoints
+from caip_jax.checkpoint import CheckpointMismatch, Checkpoints
 from test_train import config_flags, final_params, launch, metrics, run_config
 
 EVERY = 2  # checkpoint interval of these runs: steps 2, 4, 6 of 6 are kept
@@ -97,6 +97,21 @@ def test_no_intact_step_is_an_error_naming_each(record_set, straight, tmp_path):
     assert "step 4: UnusableStep: incomplete, no opt_state" in message
     assert "step 2: UnusableStep: incomplete, no data" in message
     assert "Restore the files, or move the directory away" in message
+
+
+def test_resuming_with_another_number_of_loader_processes_is_refused_naming_both(record_set, straight, tmp_path):
+    """grain's iterator state is per loader process and grain's own error is a bare KeyError,
+    which made every step look unusable; the refusal names the value to resume with, and every
+    step stays where it is."""
+    config = faults_config(record_set)
+    config.data.workers = 1
+    workdir = str(tmp_path / "resumed")
+    shutil.copytree(straight, workdir)
+    expected = r"step 6 in .* data.workers=0, the config has data.workers=1: .* --config.data.workers=0$"
+    with pytest.raises(CheckpointMismatch, match=expected):
+        train.train(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
+    assert not os.path.exists(os.path.join(workdir, "unusable_checkpoints"))
 
 
 def strict_json_lines(path):
