@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
+import tiny_run_config
 from caip_jax.data import batch_ring, convert, pipeline, records
+from caip_jax.evaluate import features
 from test_convert import OPTIONS, rigid_episode, write_npz
 from test_pipeline import make_preprocess
 
@@ -141,6 +143,33 @@ def test_a_chunk_that_fails_its_hash_is_skipped_by_name_and_training_resumes_exa
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     resumed.close()
+
+
+def test_evaluation_leaves_out_a_record_that_fails_its_hash_and_keeps_every_other_row_aligned(record_set, tmp_path, caplog):
+    """Evaluation cannot use a stand-in: the next record's features under the failed one's labels
+    would be a wrong row. The failed record is left out and named; every other row is its own."""
+    directory = copy_set(record_set, tmp_path)
+    path = os.path.join(directory, SHARDS[1])
+    flip_byte_inside(path, records.read_shard(path)[4])
+    config = tiny_run_config.get_config()
+    config.data.train, config.data.tokenizer = record_set
+    encoder = features.initialised(config, seed=0)
+    intact = features.extract(encoder, record_set[0], batch_size=8)
+    with caplog.at_level(logging.WARNING):
+        damaged = features.extract(encoder, directory, batch_size=8)
+    failed = 9 + 4  # record 4 of the second shard
+    kept = [i for i in range(18) if i != failed]
+    assert intact["record_index"].tolist() == list(range(18))
+    assert damaged["record_index"].tolist() == kept
+    assert f"left out 1 of 18 records that could not be read or decoded (record indices [{failed}]" in caplog.text
+    assert set(damaged) == set(intact)
+    for key in set(intact) - {"labels", "record_index"}:
+        if intact[key].dtype.kind == "f":
+            np.testing.assert_allclose(damaged[key], intact[key][kept], rtol=1e-6, atol=1e-6, err_msg=key)
+        else:
+            np.testing.assert_array_equal(damaged[key], intact[key][kept], err_msg=key)
+    for label, values in intact["labels"].items():
+        np.testing.assert_array_equal(damaged["labels"][label], values[kept], err_msg=label)
 
 
 def test_every_record_of_a_bad_chunk_fails_and_each_is_counted(record_set, tmp_path, caplog):

@@ -29,7 +29,7 @@ from caip_jax.data.tokenizer import Tokenizer
 from caip_jax.evaluate import saliency as saliency_maps
 
 KINDS = ("image_pooled", "image_map", "patch_mean", "action_embedding")
-INPUT_KEYS = ("image", "jitter", "text", "translation", "translation_scale", "rotation", "valid")
+INPUT_KEYS = ("image", "jitter", "text", "translation", "translation_scale", "rotation", "valid", "skipped")
 
 
 @dataclasses.dataclass
@@ -80,8 +80,8 @@ def initialised(config: ml_collections.ConfigDict, siglip2: str = "", seed: int 
 
 
 def _forward(encoder: Encoder):
-    """(params, batch) -> features of every kind, the normalised action chunk [B, T, 2, 21, 9]
-    and its mask [B, T, 2]."""
+    """(params, batch) -> features of every kind, the normalised action chunk [B, T, 2, 21, 9],
+    its mask [B, T, 2], and `skipped` [B] (1: the record failed, the next one stands in)."""
     config, model = encoder.config, encoder.run.model
 
     def forward(params, batch):
@@ -98,6 +98,7 @@ def _forward(encoder: Encoder):
             action_embedding=out["action_embedding"],
             action=action,
             action_mask=action_mask,
+            skipped=batch["skipped"],  # replicated out, so every process knows every failed row
         )
 
     return forward
@@ -116,7 +117,9 @@ def extract(encoder: Encoder, records: str, batch_size: int = 256, max_records: 
             workers: int = 0) -> dict[str, np.ndarray]:
     """Features of the first `max_records` (default: all) records of `records`, in record order,
     without augmentation: every kind [n, D], `action` [n, T, 2, 21, 9] (normalised) and
-    `action_mask` [n, T, 2] (the regression targets), and the records' `metadata`. Each process
+    `action_mask` [n, T, 2] (the regression targets), `record_index` [n] and the records'
+    `metadata`. A record that cannot be read or decoded is left out (and logged): its row
+    would otherwise hold the next record's features under its own labels. Each process
     decodes its rows of every batch; every process gets all the features.
 
     `batch_size` is global (over all processes) and must divide over the devices."""
@@ -142,16 +145,21 @@ def extract(encoder: Encoder, records: str, batch_size: int = 256, max_records: 
             inputs = {k: jax.make_array_from_process_local_data(batch_sharding, local[k]) for k in INPUT_KEYS}
             parts.append(jax.device_get(forward(encoder.params, inputs)))
     out = {k: np.concatenate([p[k] for p in parts])[:count] for k in parts[0]}
+    kept = np.flatnonzero(out.pop("skipped") == 0)
     logging.info("%s: %d records of %s in %.1f s", encoder.name, count, records, time.perf_counter() - start)
-    return dict(out, **metadata(records, count))
+    if len(kept) < count:
+        failed = sorted(set(range(count)) - set(kept.tolist()))
+        logging.warning("%s: left out %d of %d records that could not be read or decoded (record indices %s; "
+                        "their errors are logged above)", records, len(failed), count, failed[:20])
+    out = {k: v[kept] for k, v in out.items()}
+    return dict(out, record_index=kept, **metadata(records, kept))
 
 
-def metadata(records: str, count: int) -> dict:
+def metadata(records: str, indices: np.ndarray) -> dict:
     """episode_id [n], frame_index [n] and labels (key -> [n] str; "" where a record lacks the
-    key) of the first `count` records, read without decoding images. (A corrupt record, which
-    the features replace by the next one and log, keeps its own ids here.)"""
+    key) of the records at `indices` [n], read without decoding images."""
     dataset = pipeline.record_dataset(records)
-    rows = [records_module.decode(r) if isinstance(r, bytes) else r for r in (dataset[i] for i in range(count))]
+    rows = [records_module.decode(r) if isinstance(r, bytes) else r for r in (dataset[int(i)] for i in indices)]
     keys = sorted({k for row in rows for k in row.get("labels", {})})
     return dict(
         episode_id=np.array([row["episode_id"] for row in rows]),
