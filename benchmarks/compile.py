@@ -3,10 +3,12 @@ compiled ahead of time for TPU topologies by libtpu on this CPU host).
 
   python benchmarks/compile.py [--parts scan,plans] [--max_hbm_fraction 0.8]
 
-`scan`: L/16 at batch 16384 on v5p-128 (v5p:4x4x4) with `--scan_remat`, compiled unscanned and
-scanned in this run: compile time, host memory, FLOPs and memory per device of both. The
-unscanned compile takes 8-17 minutes and 12-15 GB of host memory: it starts only with more than
-16 GiB available, and its figures, once in the JSON, are never recomputed.
+`scan`: L/16 at batch 16384 on v5p-128 (v5p:4x4x4) with `--scan_remat`, compiled unscanned,
+scanned, and scanned at depth 2 (what scanning cannot remove: one block's code per tower and
+everything outside the blocks) in this run: compile time, libtpu's stage times and program size
+in bundles, host memory, FLOPs and memory per device. The unscanned compile takes 5-17 minutes
+and 12-15 GB of host memory: it starts only with more than 16 GiB available. Figures once in
+the JSON are reused unless `--fresh`.
 
 `plans` (v5p-128 = v5p:4x4x4, v5p-512 = v5p:4x8x8: 256 chips of two TensorCores, v5e-256 and
 v6e-256 = 16x16): for each config, global batch and topology, the fastest plan that fits: remat policies
@@ -25,6 +27,7 @@ written to benchmarks/results/compile.json as soon as it is known and reused by 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -43,6 +46,7 @@ flags.DEFINE_list("topologies", ["v5p:4x4x4", "v5p:4x8x8", "v5e:16x16", "v6e:16x
 flags.DEFINE_float("max_hbm_fraction", 0.8, "A plan fits if its step needs at most this fraction of HBM.")
 flags.DEFINE_string("scan_remat", "dots_no_batch", "Remat policy of the scanned-vs-unscanned comparison.")
 flags.DEFINE_integer("timeout", 3600, "Seconds one compile may take.")
+flags.DEFINE_bool("fresh", False, "Compile the scan comparison again (on an idle host), not reusing the JSON.")
 flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "compile.json"), "The results (and cache).")
 FLAGS = flags.FLAGS
 
@@ -64,26 +68,42 @@ def available_gib() -> float:
     return int(fields["MemAvailable"].split()[0]) / 2**20
 
 
-def caip_compile(results: dict, config: str, topology: str, **overrides) -> dict:
-    """caip-compile's report (`fits`: True), or {fits: False, error} if the config does not fit
-    or the mesh does not divide the model; from the results if compiled before."""
+# libtpu's own log lines (at TPU_MIN_LOG_LEVEL=0): the time of each compiler stage, program size.
+STAGE = re.compile(r"\] (HLO_PASSES|BACKEND_PASSES|CODE_GENERATION|END_TO_END) stage duration: (?:(\d+)m)?([\d.]+)(m?s)")
+BUNDLES = re.compile(r"final program bundle count: ([\d,]+)")
+
+
+def compiler_log(stderr: str) -> dict:
+    """{stage: seconds}, and the program's bundles (TPU instruction words), from libtpu's log."""
+    stages = {name.lower(): int(minutes or 0) * 60 + float(value) / (1000 if unit == "ms" else 1)
+              for name, minutes, value, unit in STAGE.findall(stderr)}
+    bundles = BUNDLES.search(stderr)
+    return dict(stage_seconds=stages, bundles=int(bundles.group(1).replace(",", "")) if bundles else None)
+
+
+def caip_compile(results: dict, config: str, topology: str, fresh: bool = False, **overrides) -> dict:
+    """caip-compile's report (`fits`: True) with libtpu's `compiler_log`, or {fits: False, error}
+    if the config does not fit or the mesh does not divide the model; from the results if
+    compiled before, unless `fresh`."""
     key = " ".join([config, topology, *[f"{k}={v}" for k, v in sorted(overrides.items())]])
-    if key in results["compiles"]:
+    if key in results["compiles"] and not fresh:
         return results["compiles"][key]
     out = FLAGS.out + ".tmp"
     command = [sys.executable, "-m", "tools.compile", "--config", config, "--topology", topology, "--out", out]
     command += [f"--config.{k}={v}" for k, v in overrides.items()]
     print("compiling", key, flush=True)
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=FLAGS.timeout)
+    env = dict(os.environ, TPU_STDERR_LOG_LEVEL="0", TPU_MIN_LOG_LEVEL="0")
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=FLAGS.timeout, env=env)
     if done.returncode == 0:
         with open(out) as f:
-            result = dict(json.load(f), fits=True)
+            result = dict(json.load(f), fits=True, **compiler_log(done.stderr))
         os.remove(out)
     else:
-        error = done.stderr.strip().splitlines()[-1]
-        if not error.startswith("caip-compile: "):  # not a config that does not fit: a failure
+        said = [line for line in done.stderr.splitlines() if line.startswith("caip-compile: ")]
+        if not said:  # not a config that does not fit: a failure
             raise RuntimeError(f"{key}: {done.stderr[-3000:]}")
+        error = said[-1]
         result = dict(fits=False, error=error)
     result.update(wall_seconds=time.perf_counter() - start, load_average=os.getloadavg()[0])
     results["compiles"][key] = result
@@ -105,20 +125,19 @@ def fits(result: dict) -> bool:
 def scan_comparison(results: dict) -> dict:
     config, topology = "configs/caip_vitl16_256.py", "v5p:4x4x4"
     common = {"batch_size": 16384, "model.remat_policy": FLAGS.scan_remat, "mesh.data": 1, "mesh.fsdp": -1}
-    scanned = caip_compile(results, config, topology, **common, **{"model.scan": True})
-    key = " ".join([config, topology, *[f"{k}={v}" for k, v in sorted({**common, "model.scan": False}.items())]])
-    if key not in results["compiles"] and available_gib() <= 16:
-        print(f"skipping the unscanned compile: {available_gib():.1f} GiB available, it needs 12-15", flush=True)
-        return {}
-    unscanned = caip_compile(results, config, topology, **common, **{"model.scan": False})
-    figures = lambda r: {
-        k: r.get(k)
-        for k in ("compile_seconds", "compile_cpu_seconds", "lowering_seconds", "host_peak_memory_bytes",
-                  "compiled_flops_per_device", "estimated_step_seconds", "load_average")
-    } | dict(memory_per_device=r.get("memory_per_device"))
-    return dict(
-        scanned=figures(scanned),
-        unscanned=figures(unscanned),
+    if available_gib() <= 16:
+        print(f"skipping the scan comparison: {available_gib():.1f} GiB available, the unscanned compile needs 12-15", flush=True)
+        return results.get("scan_vs_unscanned", {})
+    compiles = {
+        name: caip_compile(results, config, topology, fresh=FLAGS.fresh, **common, **overrides)
+        for name, overrides in (("scanned", {"model.scan": True}), ("scanned_depth_2", {"model.scan": True, "model.depth": 2}),
+                                ("unscanned", {"model.scan": False}))
+    }
+    keys = ("compile_seconds", "compile_cpu_seconds", "lowering_seconds", "stage_seconds", "bundles",
+            "host_peak_memory_bytes", "compiled_flops_per_device", "estimated_step_seconds", "load_average")
+    scanned, unscanned = compiles["scanned"], compiles["unscanned"]
+    return {name: {k: r.get(k) for k in keys} | dict(memory_per_device=r.get("memory_per_device"))
+            for name, r in compiles.items()} | dict(
         compile_speedup=unscanned["compile_seconds"] / scanned["compile_seconds"],
         compile_cpu_speedup=unscanned["compile_cpu_seconds"] / scanned["compile_cpu_seconds"],
     )

@@ -2,6 +2,7 @@
 starting from SigLIP 2."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,6 +111,13 @@ def launch(args, devices, program=("-m", "tools.train")):
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def wait_for(predicate, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def finish(process) -> None:
     """Waits for a launched process; its output's tail is the failure message."""
     out, _ = process.communicate(timeout=300)
@@ -124,23 +132,36 @@ def config_flags(config, workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(record_set, tmp_path):
+def test_two_processes_preempted_and_resumed_train_like_one(record_set, tmp_path):
     """2 processes x 2 CPU devices on 127.0.0.1 against 1 process x 4 devices, same global
-    batch: the same losses, and the 2-process checkpoint restores in a 1-process run."""
+    batch. Preemption reaches one of the two: JAX's preemption sync point picks one step for
+    both, both save it and exit 75 (not 0); restarted, they finish with the one process's
+    losses, and their checkpoint restores in a 1-process run."""
     config = run_config(record_set)
-    one = str(tmp_path / "one")
-    finish(launch(config_flags(config, one), devices=4))
+    config.total_steps = 24
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    finish(launch(config_flags(config, one) + ["--config.total_steps=24"], devices=4))
 
-    two = str(tmp_path / "two")
     port = 20000 + os.getpid() % 20000
-    processes = [
-        launch(config_flags(config, two) + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"], devices=2)
+    launch_both = lambda: [
+        launch(config_flags(config, two) + ["--config.total_steps=24", f"--coordinator_address=127.0.0.1:{port}",
+                                            "--num_processes=2", f"--process_id={i}"], devices=2)
         for i in range(2)
     ]
-    for process in processes:
+    processes = launch_both()
+    wait_for(lambda: os.path.exists(os.path.join(two, "metrics.jsonl")) and len(metrics(two)) >= 2)
+    processes[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [train.PREEMPTED_EXIT_CODE] * 2, outs[0][-2000:] + outs[1][-2000:]
+    saved = [int(re.search(r"saved step (\d+)", out).group(1)) for out in outs]
+    assert saved[0] == saved[1] < config.total_steps
+    checkpoints = Checkpoints(two)
+    assert checkpoints.latest_step() == saved[0] and set(checkpoints.items(saved[0])) >= {"params", "opt_state", "data"}
+    checkpoints.close()
+    for process in launch_both():
         finish(process)
 
-    expected, got = metrics(one), metrics(two)
+    expected, got = metrics(one), metrics(two)  # later lines of a step win
     assert set(got) == set(expected)
     for step in expected:
         np.testing.assert_allclose(got[step]["loss"], expected[step]["loss"], rtol=2e-5, err_msg=str(step))

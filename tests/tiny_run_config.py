@@ -1,5 +1,7 @@
 """A run config for the tiny test model (tests/tiny.py): 8 samples a step, every step logged.
 Tests set data.train and data.tokenizer (to the record_set fixture's)."""
+import os
+
 import tiny
 from caip_jax.config import base_config
 
@@ -14,4 +16,5 @@ def get_config():
     config.optim.learning_rate, config.optim.warmup_steps = 1e-3, 2
     config.checkpoint.every_steps = 100
     config.log.every_steps = 1
+    config.compilation_cache = os.environ.get("CAIP_TEST_COMPILATION_CACHE", config.compilation_cache)  # conftest.py
     return config
