@@ -18,9 +18,10 @@ from test_train import finish, launch
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """caip-demo as the README runs it (one CPU device), on 64 episodes: (workdir, results)."""
+    """caip-demo as the README runs it (one CPU device), on 64 episodes and 24 held out:
+    (workdir, results)."""
     workdir = str(tmp_path_factory.mktemp("demo"))
-    finish(launch([f"--workdir={workdir}", "--num_episodes=64"], devices=1, program=("-m", "tools.demo")))
+    finish(launch([f"--workdir={workdir}", "--num_episodes=64", "--test_episodes=24"], devices=1, program=("-m", "tools.demo")))
     with open(os.path.join(workdir, "train", "metrics.jsonl")) as f:
         logged = [m for m in map(json.loads, f) if "loss" in m]
     with open(os.path.join(workdir, "train", "probe", "report.json")) as f:
@@ -40,7 +41,7 @@ def test_demo_config_learns(demo_run):
 def test_trained_features_beat_random_init(demo_run):
     report = demo_run[1]["report"]
     trained, random = (report[name]["probes"]["image_pooled"] for name in ("step 400", "random init"))
-    # Seen at this seed: R² 0.19 against -0.31; target accuracy 0.16 against 0.10 (chance 1/12).
+    # Seen at this seed: R² 0.19 against -0.30; target accuracy 0.17 against 0.08 (chance 1/12).
     assert trained["action_r2"]["overall"] > random["action_r2"]["overall"] + 0.2
     chance = 1 / (len(demo_world.COLOURS) * len(demo_world.SHAPES))
     assert trained["accuracy"]["target"] > max(random["accuracy"]["target"] + 0.05, 1.5 * chance)

@@ -13,7 +13,8 @@ from tools import quiet_unless_asked
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 config_flags.DEFINE_config_file("config", DEMO_CONFIG, "The demo config.", lock_config=True)
 flags.DEFINE_string("workdir", "workdirs/demo", "Data and the training run go here.")
-flags.DEFINE_integer("num_episodes", 160, "Demo-world episodes to generate.")
+flags.DEFINE_integer("num_episodes", 160, "Demo-world episodes to train on.")
+flags.DEFINE_integer("test_episodes", 48, "Held-out demo-world episodes to evaluate on.")
 FLAGS = flags.FLAGS
 
 
@@ -22,7 +23,7 @@ def main(argv):
     quiet_unless_asked()
     from caip_jax import demo
 
-    result = demo.run(FLAGS.config, FLAGS.workdir, FLAGS.num_episodes)
+    result = demo.run(FLAGS.config, FLAGS.workdir, FLAGS.num_episodes, FLAGS.test_episodes)
     logged, report = result["metrics"], result["report"]
     first, last = logged[0], logged[-1]
     print(f"in-batch retrieval top-1 (image + text -> action), chance {last['chance_top1']:.3f}:")
