@@ -103,8 +103,7 @@ def caip_compile(results: dict, config: str, topology: str, fresh: bool = False,
         said = [line for line in done.stderr.splitlines() if line.startswith("caip-compile: ")]
         if not said:  # not a config that does not fit: a failure
             raise RuntimeError(f"{key}: {done.stderr[-3000:]}")
-        error = said[-1]
-        result = dict(fits=False, error=error)
+        result = dict(fits=False, error=said[-1])
     result.update(wall_seconds=time.perf_counter() - start, load_average=os.getloadavg()[0])
     results["compiles"][key] = result
     save(results)

@@ -16,8 +16,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # trust_remote_code copies model code here; read by transformers when first imported.
 os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="hf_modules_")
 # One compilation cache for the tiny runs of this pytest worker and the processes it starts
-# (tiny_run_config reads it): the same step compiles once, not in every run that trains it.
-os.environ.setdefault("CAIP_TEST_COMPILATION_CACHE", tempfile.mkdtemp(prefix="caip_xla_cache_"))
+# (tiny_run_config reads it): the same step compiles once, not in every run that trains it. Set,
+# not defaulted: xdist workers inherit the controller's environment, and JAX's cache writes are
+# not atomic, so two workers must not share one.
+os.environ["CAIP_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="caip_xla_cache_")
 
 
 @pytest.fixture(scope="module")

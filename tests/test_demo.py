@@ -16,6 +16,7 @@ from caip_jax.data.sources import demo_world
 from caip_jax.evaluate import features, saliency
 from test_train import finish, launch
 
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """caip-demo as the README runs it (one CPU device), on 64 episodes and 24 held out:

@@ -140,11 +140,12 @@ def test_two_processes_preempted_and_resumed_train_like_one(record_set, tmp_path
     config = run_config(record_set)
     config.total_steps = 24
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    finish(launch(config_flags(config, one) + ["--config.total_steps=24"], devices=4))
+    steps = f"--config.total_steps={config.total_steps}"
+    finish(launch(config_flags(config, one) + [steps], devices=4))
 
     port = 20000 + os.getpid() % 20000
     launch_both = lambda: [
-        launch(config_flags(config, two) + ["--config.total_steps=24", f"--coordinator_address=127.0.0.1:{port}",
+        launch(config_flags(config, two) + [steps, f"--coordinator_address=127.0.0.1:{port}",
                                             "--num_processes=2", f"--process_id={i}"], devices=2)
         for i in range(2)
     ]

@@ -145,10 +145,10 @@ def extract(encoder: Encoder, records: str, batch_size: int = 256, max_records: 
             inputs = {k: jax.make_array_from_process_local_data(batch_sharding, local[k]) for k in INPUT_KEYS}
             parts.append(jax.device_get(forward(encoder.params, inputs)))
     out = {k: np.concatenate([p[k] for p in parts])[:count] for k in parts[0]}
-    kept = np.flatnonzero(out.pop("skipped") == 0)
+    skipped = out.pop("skipped")
+    kept, failed = np.flatnonzero(skipped == 0), np.flatnonzero(skipped).tolist()
     logging.info("%s: %d records of %s in %.1f s", encoder.name, count, records, time.perf_counter() - start)
-    if len(kept) < count:
-        failed = sorted(set(range(count)) - set(kept.tolist()))
+    if failed:
         logging.warning("%s: left out %d of %d records that could not be read or decoded (record indices %s; "
                         "their errors are logged above)", records, len(failed), count, failed[:20])
     out = {k: v[kept] for k, v in out.items()}
