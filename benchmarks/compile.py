@@ -4,8 +4,8 @@ compiled ahead of time for TPU topologies by libtpu on this CPU host).
   python benchmarks/compile.py [--parts scan,plans] [--max_hbm_fraction 0.8]
 
 `scan`: L/16 at batch 16384 on v5p-128 (v5p:4x4x4) with `--scan_remat`, compiled unscanned,
-scanned, and scanned at depth 2 (what scanning cannot remove: one block's code per tower and
-everything outside the blocks) in this run: compile time, libtpu's stage times and program size
+scanned, and at depth 2 both ways (what scanning cannot remove: one block's code per tower and
+everything outside the blocks; unscanned at depth 2 it is the same program, unrolled) in this run: compile time, libtpu's stage times and program size
 in bundles, host memory, FLOPs and memory per device. The unscanned compile takes 5-17 minutes
 and 12-15 GB of host memory: it starts only with more than 16 GiB available. Figures once in
 the JSON are reused unless `--fresh`.
@@ -130,7 +130,7 @@ def scan_comparison(results: dict) -> dict:
     compiles = {
         name: caip_compile(results, config, topology, fresh=FLAGS.fresh, **common, **overrides)
         for name, overrides in (("scanned", {"model.scan": True}), ("scanned_depth_2", {"model.scan": True, "model.depth": 2}),
-                                ("unscanned", {"model.scan": False}))
+                                ("unscanned", {"model.scan": False}), ("unscanned_depth_2", {"model.scan": False, "model.depth": 2}))
     }
     keys = ("compile_seconds", "compile_cpu_seconds", "lowering_seconds", "stage_seconds", "bundles",
             "host_peak_memory_bytes", "compiled_flops_per_device", "estimated_step_seconds", "load_average")
