@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.experimental.compilation_cache import compilation_cache
 
-from caip_jax import flops, run_state, sharding, train_step
+from caip_jax import flops, run_state, sharding, train_step, xla_cache
 from caip_jax.checkpoint import Checkpoints
 from caip_jax.data import pipeline, records
 from caip_jax.data.tokenizer import Tokenizer
@@ -174,22 +173,12 @@ def import_siglip2(config: ml_collections.ConfigDict, path: str, workdir: str) -
     return 0
 
 
-def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Compiled programs persist in `config.compilation_cache` (default WORKDIR/compilation_cache;
-    "" turns it off), so a restart after preemption loads the step instead of compiling it."""
-    path = config.compilation_cache.format(workdir=workdir)
-    if path and jax.config.jax_compilation_cache_dir != path:
-        compilation_cache.set_cache_dir(path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program: none recompiles
-        compilation_cache.reset_cache()  # the cache binds its directory once per process
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains to `config.total_steps`, resuming from the latest whole checkpoint in `workdir` if
     there is one. Returns the last logged metrics; raises Preempted after saving on SIGTERM."""
     check_data(config)
     save_config(config, workdir)
-    use_compilation_cache(config, workdir)
+    xla_cache.use(config.compilation_cache.format(workdir=workdir))
     run = run_state.setup(config)
     opt = run_state.optimizer(config, run)
     params_abstract = run_state.abstract_params(run)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import tiny_run_config
-from caip_jax import run_state, train
+from caip_jax import run_state, train, xla_cache
 from caip_jax.checkpoint import CheckpointMismatch, Checkpoints
 from test_train import config_flags, final_params, launch, metrics, run_config, wait_for
 
@@ -242,9 +242,8 @@ def test_sigkill_at_random_moments_then_resuming_ends_bitwise_equal(record_set, 
     resumes; the run ends (exit 0) bitwise equal to an undisturbed run."""
     config = run_config(record_set)
     config.checkpoint.every_steps, config.total_steps = 1, 8
-    # Its own compilation cache: a SIGKILL while an entry is written must not leave it to other tests.
-    flags = config_flags(config, str(tmp_path / "killed")) + [
-        "--config.checkpoint.every_steps=1", "--config.total_steps=8", "--config.compilation_cache={workdir}/compilation_cache"]
+    # The tests' compilation cache: an entry a SIGKILL cuts short is removed by the next start.
+    flags = config_flags(config, str(tmp_path / "killed")) + ["--config.checkpoint.every_steps=1", "--config.total_steps=8"]
     straight = str(tmp_path / "straight")
     train.train(config, straight)
 
@@ -272,9 +271,11 @@ def test_sigkill_at_random_moments_then_resuming_ends_bitwise_equal(record_set, 
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_a_restart_compiles_nothing_new(record_set, tmp_path):
-    """The second start of a run loads its programs from the persistent compilation cache:
-    cache hits, and no entry is added."""
+def test_a_restart_compiles_nothing_new_and_an_entry_cut_short_is_written_again(record_set, tmp_path, caplog):
+    """The second start of a run loads its programs from the persistent compilation cache: cache
+    hits, and no entry is added. An entry cut short (a kill mid-write) is removed by the next
+    start, which names it and writes it whole again; JAX alone would keep it and recompile its
+    program at every start."""
     config = run_config(record_set)
     config.total_steps, config.compilation_cache = 2, "{workdir}/compilation_cache"  # the default, not the tests'
     workdir = str(tmp_path / "run")
@@ -290,3 +291,13 @@ def test_a_restart_compiles_nothing_new(record_set, tmp_path):
         jax.monitoring.unregister_event_listener(listener)
     assert hits, "the restart should have read compiled programs from the cache"
     assert set(os.listdir(cache)) == entries
+
+    # The training step's entry (jit(step)): a restart compiles it even with nothing left to train.
+    step = max((os.path.join(cache, name) for name in entries if name.startswith("jit_step-")), key=os.path.getsize)
+    whole = os.path.getsize(step)
+    os.truncate(step, whole // 2)
+    with caplog.at_level(logging.WARNING):
+        train.train(config, workdir)
+    assert f"removing {step}, which does not read" in caplog.text
+    assert set(os.listdir(cache)) == entries
+    assert xla_cache.remove_unreadable(cache) == [] and os.path.getsize(step) > whole // 2

@@ -98,12 +98,14 @@ def test_parameters_are_sharded_fsdp_style(record_set):
     assert summary.parameter_counts(config.model)["total"] * 4 == total
 
 
-def launch(args, devices, program=("-m", "tools.train")):
-    """`program` (default caip-train) in a new process with `devices` virtual CPU devices;
-    tests/ on its path for the config file's imports."""
+def launch(args, devices, program=("-m", "tools.train"), fast_compile=True):
+    """`program` (default caip-train) in a new process with `devices` virtual CPU devices; with
+    `fast_compile`, the tests' XLA flags (conftest.py), which a run that computes more than it
+    compiles (the demo) goes without. tests/ on its path for the config file's imports."""
+    flags = [os.environ["CAIP_TEST_XLA_FLAGS"]] if fast_compile else []
     env = dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
     )

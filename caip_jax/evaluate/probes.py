@@ -181,8 +181,9 @@ def _standardise(x):
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps", "learning_rate"))
 def _train_logistic(x, labels, l2, num_classes, steps, learning_rate):
     """Full-batch L-BFGS on mean softmax cross-entropy + l2 ||W||^2 -> (kernel, bias, mean, std).
-    The objective is strongly convex, so L-BFGS with a line search converges in tens of steps;
-    once the gradient vanishes the state is frozen (further curvature pairs would be 0 / 0)."""
+    The objective is strongly convex, so L-BFGS with a line search converges in tens of steps
+    (`steps` at most); it stops once the gradient vanishes (further curvature pairs would be
+    0 / 0) or a step leaves the finite numbers, keeping the parameters it had."""
     mean, std = _standardise(x)
     z = (x - mean) / std
 
@@ -195,17 +196,18 @@ def _train_logistic(x, labels, l2, num_classes, steps, learning_rate):
     opt = optax.lbfgs(learning_rate=learning_rate)
     value_and_grad = optax.value_and_grad_from_state(loss)
 
-    def step(carry, _):
-        params, state = carry
+    def step(carry):
+        i, params, state, _ = carry
         value, grad = value_and_grad(params, state=state)
         updates, new_state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss)
         new_params = optax.apply_updates(params, updates)
-        keep = (optax.tree.norm(grad) < 1e-6) | ~jnp.isfinite(optax.tree.norm(new_params))
-        return jax.tree.map(lambda old, new: jnp.where(keep, old, new),
-                            (params, state), (new_params, new_state)), None
+        done = (optax.tree.norm(grad) < 1e-6) | ~jnp.isfinite(optax.tree.norm(new_params))
+        params, state = jax.tree.map(lambda old, new: jnp.where(done, old, new), (params, state), (new_params, new_state))
+        return i + 1, params, state, done
 
     params = (jnp.zeros((x.shape[1], num_classes)), jnp.zeros(num_classes))
-    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+    _, params, _, _ = jax.lax.while_loop(lambda carry: (carry[0] < steps) & ~carry[3], step,
+                                         (0, params, opt.init(params), False))
     return (*params, mean, std)
 
 
