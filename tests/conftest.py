@@ -1,6 +1,8 @@
 """Test-session setup: CPU only, 8 virtual devices for the multi-device tests, no network;
 and fixtures shared by several test files."""
+import atexit
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -24,6 +26,8 @@ os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="hf_modules_")
 # not defaulted: xdist workers inherit the controller's environment, and JAX's cache writes are
 # not atomic, so two workers must not share one.
 os.environ["CAIP_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="caip_xla_cache_")
+for scratch in (os.environ["HF_MODULES_CACHE"], os.environ["CAIP_TEST_COMPILATION_CACHE"]):
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

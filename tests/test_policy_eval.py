@@ -90,6 +90,8 @@ def test_bad_input_stops_with_one_line(tmp_path):
         (["--encoder", missing], f"caip-policy-eval: encoder '{missing}' is neither a CAIP workdir"),
         (["--encoder", "state", "--tasks", "button-smash-v3"],
          "caip-policy-eval: metaworld task 'button-smash-v3' is unknown; valid: assembly-v3"),
+        (["--encoder", "state", "--config.optim.lr=1e-3"],
+         "FATAL Flags parsing error: config.optim.lr: config.optim has no field 'lr'; did you mean config.optim.learning_rate?"),
     ):
         done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "policy_eval.py"), "--out", str(tmp_path), *args],
                               capture_output=True, text=True, cwd=REPO, timeout=300,

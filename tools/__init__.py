@@ -20,14 +20,28 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except (AttributeError, TypeError):  # what ml_collections raises for a path it cannot follow
-        from caip_jax.config import unknown_field
-
-        config = _load_config(_config_path(argv))
-        overrides = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
-        problems = [p for p in map(lambda path: unknown_field(config, path), overrides) if p]
-        if not problems:
+        problem = unknown_override(argv, _config_path(argv, flags.FLAGS["config"].default_as_str.strip("'")))
+        if not problem:
             raise
-        sys.exit(f"FATAL Flags parsing error: {problems[0]}")
+        sys.exit(f"FATAL Flags parsing error: {problem}")
+
+
+def refuse_unknown_overrides(default_config: str) -> None:
+    """`parse_flags`' one-line error, for a tool whose config flag has a default file: there
+    ml_collections applies the `--config.*` overrides of sys.argv when the flag is defined, before
+    any parsing could catch them, so call this just before the DEFINE."""
+    problem = unknown_override(sys.argv, _config_path(sys.argv, default_config))
+    if problem:
+        sys.exit(f"FATAL Flags parsing error: {problem}")
+
+
+def unknown_override(argv: list[str], config_path: str) -> str | None:
+    """The message of the first `--config.PATH=...` in argv naming no field of the config file."""
+    from caip_jax.config import unknown_field
+
+    config = _load_config(config_path)
+    overrides = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
+    return next(filter(None, (unknown_field(config, path) for path in overrides)), None)
 
 
 def _load_config(path: str):
@@ -37,11 +51,11 @@ def _load_config(path: str):
     return module.get_config()
 
 
-def _config_path(argv: list[str]) -> str:
-    """The --config file as given (or the flag's default), before the flags are parsed."""
+def _config_path(argv: list[str], default: str) -> str:
+    """The --config file as given, or `default`, before the flags are parsed."""
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
             return arg.split("=", 1)[1]
         if arg == "--config" and i + 1 < len(argv):
             return argv[i + 1]
-    return flags.FLAGS["config"].default_as_str.strip("'")
+    return default
