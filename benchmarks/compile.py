@@ -5,8 +5,9 @@ compiled ahead of time for TPU topologies by libtpu on this CPU host).
 
 `scan`: L/16 at batch 16384 on v5p-128 (v5p:4x4x4) with `--scan_remat`, compiled unscanned,
 scanned, and at depth 2 both ways (what scanning cannot remove: one block's code per tower and
-everything outside the blocks; unscanned at depth 2 it is the same program, unrolled) in this run: compile time, libtpu's stage times and program size
-in bundles, host memory, FLOPs and memory per device. The unscanned compile takes 5-17 minutes
+everything outside the blocks; unscanned at depth 2 it is the same program, unrolled) in this
+run: compile time, libtpu's stage times and program size in bundles, host memory, FLOPs and
+memory per device. The unscanned compile takes 5-17 minutes
 and 12-15 GB of host memory: it starts only with more than 16 GiB available. Figures once in
 the JSON are reused unless `--fresh`.
 

@@ -4,6 +4,7 @@ import sys
 
 from absl import flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 
 
 def quiet_unless_asked() -> None:
@@ -26,13 +27,14 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"FATAL Flags parsing error: {problem}")
 
 
-def refuse_unknown_overrides(default_config: str) -> None:
-    """`parse_flags`' one-line error, for a tool whose config flag has a default file: there
-    ml_collections applies the `--config.*` overrides of sys.argv when the flag is defined, before
-    any parsing could catch them, so call this just before the DEFINE."""
-    problem = unknown_override(sys.argv, _config_path(sys.argv, default_config))
+def define_config_file_with_default(default: str, help_string: str, **kwargs) -> None:
+    """`--config`, a config file defaulting to `default`. For such a flag ml_collections applies
+    the `--config.*` overrides of sys.argv when the flag is defined, before `parse_flags` could
+    catch a field the config lacks; so that is refused here first, with the same one-line error."""
+    problem = unknown_override(sys.argv, _config_path(sys.argv, default))
     if problem:
         sys.exit(f"FATAL Flags parsing error: {problem}")
+    config_flags.DEFINE_config_file("config", default, help_string, **kwargs)
 
 
 def unknown_override(argv: list[str], config_path: str) -> str | None:

@@ -1,17 +1,16 @@
 """The README's main job: demo-world records, training configs/demo.py on this machine,
 evaluating it against its random init, and exporting it for PyTorch.
 
-  caip-demo --workdir workdirs/demo [--config configs/demo.py] [--num_episodes 160]
+  caip-demo --workdir workdirs/demo [--config configs/demo.py] [--num_episodes 160] [--test_episodes 48]
 """
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from tools import quiet_unless_asked
+from tools import define_config_file_with_default, quiet_unless_asked
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
-config_flags.DEFINE_config_file("config", DEMO_CONFIG, "The demo config.", lock_config=True)
+define_config_file_with_default(DEMO_CONFIG, "The demo config.", lock_config=True)
 flags.DEFINE_string("workdir", "workdirs/demo", "Data and the training run go here.")
 flags.DEFINE_integer("num_episodes", 160, "Demo-world episodes to train on.")
 flags.DEFINE_integer("test_episodes", 48, "Held-out demo-world episodes to evaluate on.")

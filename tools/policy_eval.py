@@ -16,11 +16,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from tools import quiet_unless_asked, refuse_unknown_overrides
+from tools import define_config_file_with_default, quiet_unless_asked
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "policy_tiny.py")
-refuse_unknown_overrides(TINY)
-config_flags.DEFINE_config_file("config", TINY, "A policy config from configs/policy_*.py.")
+define_config_file_with_default(TINY, "A policy config from configs/policy_*.py.")
 config_flags.DEFINE_config_file("caip_config", None, "The CAIP config of the random / siglip2: baselines "
                                 "(default: the first CAIP workdir or export given).")
 flags.DEFINE_multi_string("encoder", None, "An encoder to judge (repeat the flag for several).")
