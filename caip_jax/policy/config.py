@@ -2,15 +2,22 @@
 import ml_collections
 
 from caip_jax import optim
+from caip_jax.models.common import REMAT_POLICIES
 from caip_jax.policy.model import HEADS
 
 # Decoder sizes. "0.8B" is the paper's policy size (it trains Qwen3.5-0.8B from scratch): 28
 # blocks of width 1536 and GELU MLP 6144 are 0.79 B parameters in our block (tested from shapes).
+# The 0.8 B decoder runs its blocks under nn.scan (XLA compiles one block, not 28) with each
+# block's activations recomputed in the backward pass but its weight matmuls kept
+# ("dots_no_batch", as the CAIP pod configs); the tiny one unrolled, nothing recomputed.
 SIZES = {
-    "tiny": dict(width=64, depth=2, num_heads=4, mlp_dim=256),
-    "0.8B": dict(width=1536, depth=28, num_heads=16, mlp_dim=6144),
+    "tiny": dict(width=64, depth=2, num_heads=4, mlp_dim=256, scan=False, remat_policy="none"),
+    "0.8B": dict(width=1536, depth=28, num_heads=16, mlp_dim=6144, scan=True, remat_policy="dots_no_batch"),
 }
 FEATURES = ("pooled", "patches")
+# Flow times of training: "beta" is pi0's, t = 0.999 (1 - u) with u ~ Beta(1.5, 1), which puts
+# more of the training on the noisy end (t = 0 is noise here); "uniform" is t ~ U(0, 1).
+TIME_SAMPLING = ("beta", "uniform")
 
 
 def policy_config(size: str = "tiny") -> ml_collections.ConfigDict:
@@ -27,6 +34,7 @@ def policy_config(size: str = "tiny") -> ml_collections.ConfigDict:
     config.horizon = 8
     config.execute = 4
     config.flow_steps = 10  # Euler steps from noise to a chunk at inference
+    config.time_sampling = "beta"
     # Which frozen features the decoder sees: the encoder's one pooled embedding (for CAIP the
     # text-conditioned image_pooled) or its patch tokens, projected.
     config.features = "pooled"
@@ -40,6 +48,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Every error names the field and what would fix it."""
     model = config.model
     checks = (
+        (config.total_steps >= 1, f"total_steps={config.total_steps} must be >= 1 (a policy needs training)"),
+        (config.batch_size >= 1, f"batch_size={config.batch_size} must be >= 1"),
+        (config.get("time_sampling", "uniform") in TIME_SAMPLING,
+         f"time_sampling={config.get('time_sampling')!r} is not one of {TIME_SAMPLING}"),
+        (model.get("remat_policy", "none") in REMAT_POLICIES,
+         f"model.remat_policy={model.get('remat_policy')!r} is not one of {sorted(REMAT_POLICIES)}"),
         (model.head in HEADS, f"model.head={model.head!r} is not one of {HEADS}"),
         (config.features in FEATURES, f"features={config.features!r} is not one of {FEATURES}"),
         (model.width % model.num_heads == 0,

@@ -3,8 +3,18 @@ proprioceptive state, with an action head that predicts a chunk of future action
 
 Token sequence, in order: the instruction (one learned embedding per instruction of the
 training data), the state, the N frozen feature tokens (the pooled embedding: N = 1; patch
-tokens: N patches), then T action tokens. Attention is causal, so the action tokens, last, see
-everything before them and the conditioning tokens never see the noisy actions.
+tokens: N patches), then T action tokens. Attention is pi0's block-causal prefix-LM mask
+(`attention_mask`): the prefix (instruction, state, features) attends within itself,
+bidirectionally; the action block attends to the whole prefix and to every action token, later
+ones included. So step k's velocity sees the noisy actions of the whole chunk (a causal mask
+hid steps > k from it, and a chunk could not be denoised as one), while the prefix never sees
+the noisy actions: its keys and values are the same at every flow step (cacheable).
+
+Why the prefix is bidirectional rather than causal: it is pi0's choice (PaliGemma's prefix
+LM), and with patch features it lets every patch token be read in the light of the
+instruction (which comes first) and the state, at every layer; a causal prefix would only
+withhold information from the earlier tokens, buying nothing since the prefix is never
+generated token by token.
 
 `head="flow"`: the action tokens embed the noisy chunk x_t and the flow time t, and the output
 is the velocity (caip_jax/policy/flow.py). `head="mse"`: the action tokens are learned queries
@@ -33,8 +43,16 @@ def _dense(features: int, dtype, names=(None, "embed"), name: str | None = None)
     )
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where position i attends to positions <= i: [B, L, D] ->
+def attention_mask(prefix: int, actions: int) -> np.ndarray:
+    """[L, L] bool, L = prefix + actions, True where query i may attend to key j: prefix
+    queries see the prefix only, action queries see everything (pi0's block-causal mask)."""
+    length = prefix + actions
+    query, key = np.arange(length)[:, None], np.arange(length)[None]
+    return (key < prefix) | (query >= prefix)
+
+
+class MaskedSelfAttention(nn.Module):
+    """Multi-head self-attention under a fixed mask [L, L] (True = attend): [B, L, D] ->
     [B, L, D]. The projections are common.Projection's (kernels [D, H, K] and [H, K, D]);
     logits and softmax in float32."""
 
@@ -42,29 +60,52 @@ class CausalSelfAttention(nn.Module):
     dtype: common.Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        width, length = x.shape[-1], x.shape[1]
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        width = x.shape[-1]
         heads = (self.num_heads, width // self.num_heads)
         names = ("embed", "heads", "kv")
         q, k, v = (common.Projection(heads, names, dtype=self.dtype, name=n)(x) for n in ("query", "key", "value"))
         logits = jnp.einsum("bqhk,bnhk->bhqn", q, k, preferred_element_type=jnp.float32) * heads[1] ** -0.5
-        causal = jnp.tril(jnp.ones((length, length), bool))
-        weights = jax.nn.softmax(jnp.where(causal, logits, jnp.finfo(logits.dtype).min), axis=-1)
+        weights = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(logits.dtype).min), axis=-1)
         out = jnp.einsum("bhqn,bnhk->bqhk", weights.astype(v.dtype), v)
         return common.Projection((width,), ("heads", "kv", "embed"), contract=2, dtype=self.dtype, name="out")(out)
 
 
 class DecoderBlock(nn.Module):
-    """Pre-LayerNorm causal block: x + attn(LN(x)), then x + mlp(LN(x)). [B, L, D]."""
+    """Pre-LayerNorm block: x + attn(LN(x)), then x + mlp(LN(x)). [B, L, D] -> ([B, L, D],
+    None), the carry and no per-block output, the signature nn.scan needs."""
 
     mlp_dim: int
     num_heads: int
     dtype: common.Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = common.activations(x + CausalSelfAttention(self.num_heads, self.dtype)(common.layer_norm(self.dtype)(x)))
-        return common.activations(x + common.MlpBlock(self.mlp_dim, self.dtype)(common.layer_norm(self.dtype)(x)))
+    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, None]:
+        x = common.activations(x + MaskedSelfAttention(self.num_heads, self.dtype)(common.layer_norm(self.dtype)(x), mask))
+        return common.activations(x + common.MlpBlock(self.mlp_dim, self.dtype)(common.layer_norm(self.dtype)(x))), None
+
+
+def _blocks(depth: int, mlp_dim: int, num_heads: int, dtype, remat_policy: str, scan: bool):
+    """The decoder's blocks as a callable (x, mask) -> x, built inside a compact method:
+    `block_{i}` each, or with `scan` one `blocks` whose parameters carry a leading [depth] axis
+    (logical "layers") run by nn.scan (XLA compiles one block, not `depth`); `remat_policy`
+    (common.REMAT_POLICIES) recomputes each block's activations in the backward pass."""
+    block = DecoderBlock
+    if remat_policy != "none":
+        block = nn.remat(block, policy=common.REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+    if scan:
+        scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=depth,
+                          in_axes=nn.broadcast, metadata_params={nn.PARTITION_NAME: "layers"})
+        module = scanned(mlp_dim, num_heads, dtype, name="blocks")
+        return lambda x, mask: module(x, mask)[0]
+    modules = [block(mlp_dim, num_heads, dtype, name=f"block_{i}") for i in range(depth)]
+
+    def run(x, mask):
+        for module in modules:
+            x = module(x, mask)[0]
+        return x
+
+    return run
 
 
 def time_embedding(t: jax.Array, width: int) -> jax.Array:
@@ -88,6 +129,8 @@ class Policy(nn.Module):
     num_instructions: int
     head: str = "flow"
     dtype: common.Dtype = jnp.float32
+    scan: bool = False
+    remat_policy: str = "none"
 
     @nn.compact
     def __call__(self, features, state, instruction, chunk, t):
@@ -109,7 +152,7 @@ class Policy(nn.Module):
             times = _dense(w, dtype, ("mlp", "embed"), name="time_out")(nn.swish(times))
             actions = actions + _dense(w, dtype, name="action_in")(chunk) + times[:, None]
         x = jnp.concatenate([instruction.astype(dtype), state, tokens, actions.astype(dtype)], axis=1)
-        for i in range(self.depth):
-            x = DecoderBlock(self.mlp_dim, self.num_heads, dtype, name=f"block_{i}")(x)
+        mask = jnp.asarray(attention_mask(x.shape[1] - steps, steps))
+        x = _blocks(self.depth, self.mlp_dim, self.num_heads, dtype, self.remat_policy, self.scan)(x, mask)
         x = common.layer_norm(dtype, name="final_norm")(x[:, -steps:])
         return _dense(action_dim, jnp.float32, ("embed", None), name="action_out")(x).astype(jnp.float32)

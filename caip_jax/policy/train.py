@@ -10,9 +10,14 @@ policies here train in minutes, and continuing one mid-run would need the optimi
 without a data iterator, which Checkpoints.restore_run does not offer.
 
 Batch k is a seeded draw of rows (numpy, seed and k), and the flow noise and times come from
-`fold_in(key(seed), k)`: the run is a function of the seed and the data.
+`fold_in(key(seed), k)`: the run is a function of the seed and the data. The keys are
+threefry's, whose bits are the same on every backend (XLA's "rbg" generator is not).
+
+A finished policy's config records `data_hash`, a SHA-256 of the rows it trained on (features,
+state, instructions, chunks): a policy is reused only for exactly the data it was trained on.
 """
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -36,16 +41,40 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def key(seed: int) -> jax.Array:
-    """The policy's random keys: XLA's RngBitGenerator ("rbg") rather than threefry, which on
-    CPU took 2-3x as long to compile the initialisation and the noisy training step."""
-    return jax.random.key(seed, impl="rbg")
+    """The policy's random keys: threefry, the same bits on CPU, GPU and TPU, so that a rollout
+    or a training run is a function of its seed whatever backend runs it."""
+    return jax.random.key(seed, impl="threefry2x32")
+
+
+def flow_times(rng: jax.Array, batch: int, sampling: str) -> jax.Array:
+    """Training flow times [batch] (t = 0 noise, 1 data): "beta" is pi0's, t = 0.999 (1 - u),
+    u ~ Beta(1.5, 1), denser toward the noise; "uniform" t ~ U(0, 1)."""
+    if sampling == "uniform":
+        return jax.random.uniform(rng, (batch,))
+    if sampling == "beta":
+        return 0.999 * (1.0 - jax.random.beta(rng, 1.5, 1.0, (batch,)))
+    raise ValueError(f"time_sampling={sampling!r} is not one of {policy_config.TIME_SAMPLING}")
+
+
+def data_hash(data: TrainingSet) -> str:
+    """SHA-256 of the rows a policy trains on (their values, shapes and dtypes, and the
+    instruction vocabulary)."""
+    digest = hashlib.sha256(json.dumps(list(data.instructions)).encode())
+    for name in ("features", "state", "instruction", "chunk", "chunk_mask"):
+        array = np.ascontiguousarray(getattr(data, name))
+        digest.update(f"{name}{array.shape}{array.dtype}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
 BATCH_KEYS = ("features", "state", "instruction", "chunk", "chunk_mask")
 
 
 def make_model(config: ml_collections.ConfigDict) -> Policy:
     m = config.model
     return Policy(width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
-                  num_instructions=len(config.instructions), head=m.head, dtype=DTYPES[m.dtype])
+                  num_instructions=len(config.instructions), head=m.head, dtype=DTYPES[m.dtype],
+                  scan=m.get("scan", False), remat_policy=m.get("remat_policy", "none"))
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1) -> tuple:
@@ -105,6 +134,7 @@ def _fitted_config(config: ml_collections.ConfigDict, data: TrainingSet) -> ml_c
         config.dims = ml_collections.ConfigDict(
             dict(features=list(data.features.shape[1:]), state=data.state.shape[1], action=data.chunk.shape[2]))
         config.instructions = list(data.instructions)
+        config.data_hash = data_hash(data)
         config.normalization = ml_collections.ConfigDict(dict(
             state=Normalizer.fit(data.state).to_json(),
             action=Normalizer.fit(data.chunk, data.chunk_mask).to_json(),
@@ -112,7 +142,7 @@ def _fitted_config(config: ml_collections.ConfigDict, data: TrainingSet) -> ml_c
     return config
 
 
-def _loss_fn(model: Policy, head: str):
+def _loss_fn(model: Policy, head: str, time_sampling: str = "beta"):
     """(params, batch, key) -> the masked velocity (flow) or chunk (mse) regression loss."""
 
     def loss(params, batch, rng):
@@ -121,7 +151,7 @@ def _loss_fn(model: Policy, head: str):
         if head == "mse":
             return flow.masked_mse(apply(jnp.zeros_like(chunk), jnp.zeros(chunk.shape[:1])), chunk, batch["chunk_mask"])
         noise_key, time_key = jax.random.split(rng)
-        t = jax.random.uniform(time_key, chunk.shape[:1])
+        t = flow_times(time_key, chunk.shape[0], time_sampling)
         x_t, velocity = flow.noisy_chunk(jax.random.normal(noise_key, chunk.shape), chunk, t)
         return flow.masked_mse(apply(x_t, t), velocity, batch["chunk_mask"])
 
@@ -150,8 +180,9 @@ def check_fits(stored: ml_collections.ConfigDict, config: ml_collections.ConfigD
     asked, have = plain(_fitted_config(config, data)), plain(stored)
     differ = sorted(k for k in asked.keys() | have.keys() if asked.get(k) != have.get(k))
     if differ:
-        raise ValueError(f"the policy in {where} was trained with other {', '.join(differ)} than asked "
-                         "(or on other demonstrations): use another workdir")
+        other_data = " (other demonstrations or features)" if "data_hash" in differ else ""
+        raise ValueError(f"the policy in {where} was trained with other {', '.join(differ)} than asked{other_data}: "
+                         "use another workdir")
 
 
 def train(config: ml_collections.ConfigDict, data: TrainingSet, workdir: str,
@@ -172,7 +203,7 @@ def train(config: ml_collections.ConfigDict, data: TrainingSet, workdir: str,
     tx, _ = optim.make_optimizer(config.optim, config.total_steps)
     opt_shardings = optim.state_shardings(tx, params, param_shardings, sharding.replicated(mesh))
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    loss = _loss_fn(model, config.model.head)
+    loss = _loss_fn(model, config.model.head, config.get("time_sampling", "uniform"))
 
     def step(params, opt_state, batch, k):
         value, grads = jax.value_and_grad(loss)(params, batch, jax.random.fold_in(key(config.seed), k))
