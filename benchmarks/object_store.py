@@ -1,0 +1,227 @@
+"""Input pipeline throughput reading records from object storage, against local disk, in one run.
+
+  python benchmarks/object_store.py [--records 512] [--seconds 6] [--rounds 1] [--workers 2] [--threads 4]
+
+The host half of the training pipeline as training runs it (`pipeline.train_batches` +
+`pipeline.iterate` with its default 4 threads a loader process; 2 loader processes, one a core
+here, where config.data.workers' 8 are meant for a pod host's many cores, and would take 8 GB
+and 40 s to start on this machine) reads one record set from local disk
+and from a GCS emulator (fake-gcs-server, tests/gcs.py) through a loopback proxy that adds a
+latency to every request: none, 20 ms and 50 ms. array_record's own GCS reader reads gs://, as
+in training. Also at 50 ms: the pipeline as it was before batches were read at once (grain's
+batch, one record at a time per loader thread). Only 127.0.0.1 is used.
+
+The emulator and the proxy run on the same cores as the pipeline, and cost more CPU per record
+than the pipeline itself (the proxy is Python, and array_record drops each transfer after its
+record, so the proxy moves several times the bytes used). So the figure that says whether the
+pipeline hides the latency is the rate at 20 and 50 ms against the emulator without added
+latency, which carries the same load; local disk shows what the harness costs on this machine.
+
+Figures: samples/s per setting (a fresh pipeline each, measured after its workers start and a
+warm-up; medians over rounds, ratios within a round), proxy requests per sample meanwhile,
+and, from batched reads of 256 distinct random records through the 50 ms proxy, requests per record and bytes fetched per byte used, on the
+benchmark's shards and on one shard of 256 records (what caip-make-records' default 8 shards
+hold for a set of 2k records; GCS's cost per request does not depend on the object's size,
+the emulator's does, which is why the benchmark's set has small shards).
+Writes benchmarks/results/object_store.json.
+"""
+import glob
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+
+import numpy as np
+from absl import app, flags
+from grain._src.python.dataset.transformations.batch import BatchMapDataset
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import gcs  # noqa: E402  (tests/gcs.py: the emulator and the proxy)
+import results_io  # noqa: E402
+from caip_jax.data import convert, pipeline, records, tokenizer  # noqa: E402
+from caip_jax.data.sources import demo_world  # noqa: E402
+
+assert "gcsfs" not in sys.modules  # it reads STORAGE_EMULATOR_HOST once, when imported: see main()
+
+flags.DEFINE_integer("records", 512, "Records in the benchmark's set.")
+flags.DEFINE_integer("shard_records", 32, "Records per shard of the benchmark's set.")
+flags.DEFINE_float("seconds", 6.0, "Measuring time per setting and round.")
+flags.DEFINE_float("warmup", 2.0, "Seconds of batches before measuring, once the workers run.")
+flags.DEFINE_integer("rounds", 1, "Rounds of the settings (the second in reverse order, ...).")
+flags.DEFINE_integer("batch", 32, "Batch size of the pipeline (per host).")
+flags.DEFINE_integer("workers", 2, "Loader processes (config.data.workers is 8, for a host of many cores).")
+flags.DEFINE_integer("threads", 4, "Threads per loader process (pipeline.iterate's default).")
+FLAGS = flags.FLAGS
+SIZE, BUCKET = 256, "bench"
+EMULATOR: gcs.Emulator | None = None  # started by main(): loader workers import this module again
+LATENCIES = {"emulator_0ms": 0.0, "emulator_20ms": 0.02, "emulator_50ms": 0.05}
+
+
+def make_records(directory: str, count: int, per_shard: int) -> float:
+    """`count` demo-world records (288-pixel JPEG, horizon 64) in shards of `per_shard`: one
+    converted episode's records, repeated under other episode ids. Returns bytes per record."""
+    episode = os.path.join(directory, "episode")
+    convert.convert("demo_world", "", episode, convert.ConvertOptions(horizon=64, stride=1),
+                    dict(num_episodes=1, image_size=320, num_frames=64 + 32), shards=1)
+    samples = [records.decode(r) for path in records.shard_paths(episode) for r in records.read_shard(path)]
+    shards = -(-count // per_shard)
+    writer = records.ShardWriter(directory, shards)
+    encoded = [records.encode(dict(samples[i % len(samples)], episode_id=f"copy_{i // len(samples)}"))
+               for i in range(count)]
+    for shard in range(shards):
+        writer.write_episode(shard, encoded[shard * per_shard:(shard + 1) * per_shard])
+    writer.close()
+    shutil.copy(os.path.join(episode, "stats.json"), directory)
+    with open(os.path.join(directory, "summary.json"), "w") as f:
+        json.dump(dict(records=count), f)
+    shutil.rmtree(episode)
+    return float(np.mean([len(r) for r in encoded]))
+
+
+def upload(path: str, name: str) -> None:
+    """The local file `path` to gs://BUCKET/`name`, straight to the emulator (no proxy)."""
+    with open(path, "rb") as f:
+        request = urllib.request.Request(
+            f"{EMULATOR.endpoint}/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={urllib.parse.quote(name)}",
+            data=f.read(), method="POST", headers={"Content-Type": "application/octet-stream"})
+    urllib.request.urlopen(request, timeout=60).read()
+
+
+def quiet(proxy: gcs.Proxy) -> gcs.Proxy:
+    """The proxy without a traceback each time array_record drops a connection it kept alive."""
+    server, report = proxy._server, proxy._server.handle_error
+
+    def handle_error(request, address):
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            report(request, address)
+
+    server.handle_error = handle_error
+    return proxy
+
+
+def read_cost(paths: list[str], proxy: gcs.Proxy, count: int = 256) -> dict:
+    """Requests per record and bytes the proxy sent per byte of record, for one batched read of
+    `count` random records of `paths` (readers opened beforehand)."""
+    source = pipeline.ConcurrentReads(paths)
+    total = len(source)
+    source._getitems(list(range(0, total, max(1, total // len(paths)))))  # opens every reader
+    keys = np.random.default_rng(0).permutation(total)[:count].tolist()  # distinct: each one request
+    requests, sent, start = proxy.requests, proxy.bytes_sent, time.perf_counter()
+    used = sum(map(len, source._getitems(keys)))
+    return dict(records=count, seconds=time.perf_counter() - start, requests_per_record=(proxy.requests - requests) / count,
+                bytes_fetched_per_byte_used=(proxy.bytes_sent - sent) / used)
+
+
+def measure(batches, proxy: gcs.Proxy | None) -> dict:
+    """Samples/s of a fresh pipeline.iterate over `batches` for FLAGS.seconds, after its
+    workers start and FLAGS.warmup seconds; with the proxy's requests per sample meanwhile."""
+    if proxy:  # the workers start with it and open their readers with it
+        os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = proxy.endpoint
+    iterator = pipeline.iterate(batches, FLAGS.workers, FLAGS.threads)
+    start = time.perf_counter()
+    next(iterator)
+    startup, start = time.perf_counter() - start, time.perf_counter()
+    while time.perf_counter() - start < FLAGS.warmup:
+        next(iterator)
+    requests, count, start = proxy.requests if proxy else 0, 0, time.perf_counter()
+    while time.perf_counter() - start < FLAGS.seconds:
+        next(iterator)
+        count += FLAGS.batch
+    wall = time.perf_counter() - start
+    figures = dict(rate=count / wall, startup_seconds=startup)
+    if proxy:
+        figures["requests_per_sample"] = (proxy.requests - requests) / count
+    iterator.close()
+    os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = EMULATOR.endpoint
+    return figures
+
+
+def main(argv):
+    del argv
+    global EMULATOR
+    EMULATOR = gcs.Emulator()
+    # Every client points at the emulator before it first touches gs:// (gcsfs reads
+    # STORAGE_EMULATOR_HOST once, when imported); array_record reads
+    # CLOUD_STORAGE_EMULATOR_ENDPOINT whenever it opens a reader, so that one is pointed at each
+    # proxy in turn, and the loader workers inherit it when they start.
+    os.environ.update(EMULATOR.environment())
+    work = tempfile.mkdtemp(prefix="object_store_")
+    local = os.path.join(work, "records")
+    record_bytes = make_records(local, FLAGS.records, FLAGS.shard_records)
+    EMULATOR.create_bucket(BUCKET)
+    for path in sorted(glob.glob(os.path.join(local, "*"))):
+        upload(path, f"records/{os.path.basename(path)}")
+    remote = f"gs://{BUCKET}/records"
+    # One shard of 256 records (~14 MB), as a record set of 2k records in 8 shards has.
+    writer = records.ShardWriter(os.path.join(work, "big"), 1)
+    writer.write_episode(0, [r for path in records.shard_paths(local) for r in records.read_shard(path)][:256])
+    writer.close()
+    upload(os.path.join(work, "big", records.SHARD_PATTERN.format(index=0, count=1)), "big/records-00000-of-00001.array_record")
+
+    texts = [f"{v} the {c} {s} with the {h} hand" for v in demo_world.VERBS for c in demo_world.COLOURS
+             for s in demo_world.SHAPES for h in ("left", "right")]
+    spm = tokenizer.train_sentencepiece(texts * 4, os.path.join(work, "spm"), 512)
+    preprocess = pipeline.Preprocess(spm, SIZE, 64, 64)
+
+    proxies = {name: quiet(gcs.Proxy(EMULATOR.endpoint, latency=latency)) for name, latency in LATENCIES.items()}
+    costs = {}
+    os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = proxies["emulator_50ms"].endpoint
+    costs["benchmark_shards"] = read_cost(pipeline.open_record_set(remote).shards, proxies["emulator_50ms"])
+    costs["shard_of_256_records"] = read_cost([f"gs://{BUCKET}/big/records-00000-of-00001.array_record"],
+                                              proxies["emulator_50ms"])
+    print("read cost at 50 ms:", costs)
+
+    settings = {"local_disk": (local, None, True)}
+    settings.update({name: (remote, proxies[name], True) for name in LATENCIES})
+    settings["emulator_50ms_per_record_reads"] = (remote, proxies["emulator_50ms"], False)
+    rounds = []
+    for r in range(FLAGS.rounds):
+        figures = {}
+        for name in (list(settings) if r % 2 == 0 else list(reversed(settings))):
+            directory, proxy, at_once = settings[name]
+            os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = proxy.endpoint if proxy else EMULATOR.endpoint
+            batches = pipeline.train_batches([(pipeline.open_record_set(directory), preprocess, 1.0)], FLAGS.batch, seed=0)
+            if not at_once:  # as before: grain's batch, one record at a time per loader thread
+                samples = batches._parent._parent
+                assert isinstance(batches._parent, pipeline.BatchedReads)
+                batches = BatchMapDataset(samples, FLAGS.batch, drop_remainder=True)
+            figures[name] = measure(batches, proxy)
+            print(name, {k: round(v, 2) for k, v in figures[name].items()}, flush=True)
+        rounds.append(figures)
+    for proxy in proxies.values():
+        proxy.close()
+    EMULATOR.close()
+    shutil.rmtree(work, ignore_errors=True)
+
+    def median(fn):
+        return statistics.median(fn(r) for r in rounds)
+
+    summary = {name: median(lambda r: r[name]["rate"]) for name in settings}
+    for name in list(LATENCIES) + ["emulator_50ms_per_record_reads"]:
+        summary[f"{name}_vs_local_disk"] = median(lambda r: r[name]["rate"] / r["local_disk"]["rate"])
+    for name in ("emulator_20ms", "emulator_50ms", "emulator_50ms_per_record_reads"):
+        summary[f"{name}_vs_emulator_0ms"] = median(lambda r: r[name]["rate"] / r["emulator_0ms"]["rate"])
+    result = dict(
+        figures=summary,
+        requests_per_sample={name: median(lambda r: r[name]["requests_per_sample"]) for name in settings if settings[name][1]},
+        read_cost_at_50ms=costs,
+        rounds=rounds,
+        records=FLAGS.records,
+        shard_records=FLAGS.shard_records,
+        record_bytes=record_bytes,
+        batch=FLAGS.batch,
+        workers=FLAGS.workers,
+        threads=FLAGS.threads,
+        image_size=SIZE,
+        machine=results_io.machine(),
+    )
+    results_io.write("object_store", result)
+
+
+if __name__ == "__main__":
+    app.run(main)
