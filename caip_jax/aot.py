@@ -20,6 +20,7 @@ import numpy as np
 
 from caip_jax import flops, metrics, run_state, sharding, train_step
 from caip_jax.data.schema import FEATURES_PER_KEYPOINT, NUM_HANDS, NUM_KEYPOINTS
+from caip_jax.models.caip import tower_size
 
 TOPOLOGY_FORMS = "v4:AxBxC, v5p:AxBxC, v5e:AxB or v6e:AxB (e.g. v5p:4x4x4, v4:4x4x4, v5e:16x16, v6e:8x8), or gpu"
 _TOPOLOGY = re.compile(r"(v4|v5p):\d+x\d+x\d+|(v5e|v6e):\d+x\d+")
@@ -72,7 +73,8 @@ def _fix_hint(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, source
     return (
         f"{source} (model.variant={config.model.variant!r}, batch_size={config.batch_size}, "
         f"model.remat_policy={config.model.remat_policy!r}, config.mesh={dict(mesh.shape)}) does not fit: "
-        "set model.remat_policy to one that keeps less ('dots_no_batch', then 'full'), lower batch_size, "
+        "set model.remat_policy to one that keeps less ('dots_no_batch', then 'full'), set optim.accum_steps "
+        f"(now {config.optim.accum_steps}: the same gradient in micro-batches, one more forward), lower batch_size, "
         "or spread the batch over more devices (config.mesh, a larger --topology)"
     )
 
@@ -89,8 +91,9 @@ def compile_step(
     and generated-code bytes, their sum and its fraction of the device's HBM limit; FLOPs per
     device as compiled (rematerialisation included; XLA counts a scan body once, so with
     model.scan one block per tower) and model FLOPs per step and per sample (`caip_jax.flops`);
-    the step time and samples/s if the chip ran the model's and rematerialisation's matmuls
-    (`flops.remat_flops_per_sample`) at `mfu` of its peak, and the MFU that makes; lowering and
+    the step time and samples/s if the chip ran the model's, rematerialisation's
+    (`flops.remat_flops_per_sample`) and accumulation's (one more forward of the towers) matmuls at
+    `mfu` of its peak, and the MFU that makes; lowering and
     compile seconds; this process's peak host memory. `source` (the config file) names the
     config in the error raised when it does not fit.
     """
@@ -115,7 +118,7 @@ def compile_step(
         raise ConfigError(f"{_fix_hint(config, run.mesh, source)}; the compiler: {str(error).splitlines()[0]}") from None
     compiled_at, cpu_after = time.perf_counter(), _cpu_seconds()
 
-    device = devices[0]
+    device, batch_ways = devices[0], train_step.batch_ways(run.mesh)
     hbm = metrics.hbm_bytes_per_device(device)
     memory = compiled.memory_analysis()
     per_device = dict(
@@ -131,8 +134,13 @@ def compile_step(
     num_devices = run.mesh.size
     model_per_sample = flops.train_flops_per_sample(config.model, config.batch_size)
     remat_per_sample = flops.remat_flops_per_sample(config.model)
+    accum = config.optim.accum_steps
+    # Accumulation runs every micro-batch's forward twice (once for the embeddings, once under
+    # the vjp): the towers' forward once more, not the loss.
+    forward = flops.forward_flops_per_sample(config.model, config.batch_size)
+    accum_per_sample = sum(forward[k] for k in ("image", "text", "pool", "action")) if accum > 1 else 0
     model_per_device = model_per_sample * config.batch_size / num_devices
-    executed_per_device = (model_per_sample + remat_per_sample) * config.batch_size / num_devices
+    executed_per_device = (model_per_sample + remat_per_sample + accum_per_sample) * config.batch_size / num_devices
     peak = metrics.peak_flops_per_device(device)
     step_seconds = executed_per_device / (mfu * peak) if peak else None
     return dict(
@@ -140,15 +148,20 @@ def compile_step(
         devices=num_devices,
         mesh=dict(run.mesh.shape),
         batch_size=config.batch_size,
+        accum_steps=accum,
+        micro_batch_size=config.batch_size // accum,
         remat_policy=config.model.remat_policy,
         scan=config.model.scan,
         loss=config.loss,
         parameters=sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)),
-        memory_per_device=dict(per_device, total_bytes=total, hbm_bytes=hbm, hbm_fraction=total / hbm if hbm else None),
+        memory_per_device=dict(per_device, total_bytes=total, hbm_bytes=hbm, hbm_fraction=total / hbm if hbm else None,
+                               # what accumulation keeps of the whole batch: both embeddings, float32
+                               embedding_bytes=2 * config.batch_size // batch_ways * tower_size(config.model)["width"] * 4),
         compiled_flops_per_device=(compiled.cost_analysis() or {}).get("flops"),
         model_flops_per_sample=model_per_sample,
         model_flops_per_step=model_per_sample * config.batch_size,
         remat_flops_per_sample=remat_per_sample,
+        accum_flops_per_sample=accum_per_sample,
         peak_flops_per_device=peak,
         assumed_hardware_utilisation=mfu,
         estimated_step_seconds=step_seconds,

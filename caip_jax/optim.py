@@ -1,5 +1,6 @@
 """The optimizer: AdamW with warmup + cosine schedule, global-norm clipping, weight decay on
-kernels only, per-part learning-rate multipliers, frozen parts and gradient accumulation.
+kernels only, per-part learning-rate multipliers and frozen parts. (Gradient accumulation is the
+train step's: `accum_steps` only lives here among the optimizer's fields.)
 
 `make_optimizer(config.optim, total_steps)` returns `(tx, schedule)`; `tx` works on the plain
 parameter tree (`nn.unbox`ed: nested dicts of arrays). `state_shardings` gives the shardings to
@@ -77,7 +78,7 @@ def optim_config() -> ml_collections.ConfigDict:
             # the 256k-row token embedding `txt/Embed_0/embedding`, whose rows for rare tokens
             # see almost no gradient and would only shrink away from their SigLIP 2 values.
             weight_decay_pattern=".*/kernel",
-            # Clip the global norm of the (trainable, accumulated) gradient; 0 or None: off.
+            # Clip the global norm of the (trainable) gradient; 0 or None: off.
             grad_clip_norm=1.0,
             # ((pattern, multiplier), ...): the learning rate (decay included) of parameters
             # the first matching pattern selects is multiplied by it; others get 1.
@@ -87,11 +88,11 @@ def optim_config() -> ml_collections.ConfigDict:
             # a frozen tower costs no Adam memory; their gradients are left out of the clipping
             # norm. E.g. ("txt",). `UNREACHED` parts are frozen in any case.
             frozen=(),
-            # Gradient accumulation: with k > 1 the train step calls `tx.update` on every
-            # micro-batch's gradient (micro-batches of equal size, loss a mean over each). The
-            # updates are zero for k - 1 calls and, on every k-th, the update for the mean of
-            # the k gradients. Schedule and `total_steps` count optimizer steps, so the train
-            # loop runs k * total_steps micro-steps and logs schedule(micro_step // k).
+            # Gradient accumulation: the step computes the loss and gradient of the global batch
+            # (`batch_size`) in k micro-batches of batch_size / k, holding the activations of
+            # one at a time (train_step.make_accumulated_value_and_grad): the same gradient as
+            # k = 1, exactly (every sample still meets all batch_size - 1 negatives), for one
+            # more forward pass. One optimizer update per step; no optimizer state.
             accum_steps=1,
         )
     )
@@ -242,19 +243,15 @@ def _scale_by_lr_mults(lr_mults) -> optax.GradientTransformation:
 
 
 def _trainable_tx(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """AdamW on the trainable parameters, gradient accumulation around all of it so that the
-    clipping and Adam see the mean gradient, and only trainable leaves hold accumulators."""
+    """AdamW on the trainable parameters, clipping their gradient's global norm first."""
     decay_mask = lambda params: jax.tree.map(lambda n: _matches(config.weight_decay_pattern, n), _names(params))
-    tx = optax.chain(
+    return optax.chain(
         optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm else optax.identity(),
         optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps, mu_dtype=MU_DTYPES[config.mu_dtype]),
         optax.add_decayed_weights(config.weight_decay, decay_mask) if config.weight_decay else optax.identity(),
         _scale_by_lr_mults(tuple(config.lr_mults)),
         optax.scale_by_learning_rate(schedule),
     )
-    if config.accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.accum_steps).gradient_transformation()
-    return tx
 
 
 def make_optimizer(
@@ -279,7 +276,7 @@ def _is_sharding(x) -> bool:
 def state_shardings(tx: optax.GradientTransformation, params: PyTree, param_shardings: PyTree, default):
     """The shardings (or PartitionSpecs) of `tx.init(params)`, for
     `jax.jit(tx.init, out_shardings=...)`: each state array that mirrors a parameter (Adam's mu
-    and nu, the accumulator) gets that parameter's entry of `param_shardings`, the rest (step
+    and nu) gets that parameter's entry of `param_shardings`, the rest (step
     counters) `default`. Needed because jit gives the zeros of a fresh state no sharding of
     their own: left to it, the whole state lands on one device. `params` may be abstract."""
     leaves = lambda tree, **kw: jax.tree_util.tree_leaves_with_path(tree, **kw)

@@ -40,8 +40,29 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     init_fn = lambda rng: model.init(rng, **inputs)["params"]
     boxed = jax.eval_shape(init_fn, jax.random.key(0))
     sharding.check_batch(config.batch_size, mesh)
+    check_accumulation(config.batch_size, config.optim.accum_steps, mesh)
     sharding.check_divisible(boxed, mesh)
     return Setup(model, mesh, sharding.param_shardings(boxed, mesh), init_fn)
+
+
+def check_accumulation(batch_size: int, accum_steps, mesh: jax.sharding.Mesh) -> None:
+    """`optim.accum_steps` splits the global batch into micro-batches, each split over the batch
+    axes like the batch (train_step.split_micro_batches): batch_size must divide by
+    accum_steps x data x fsdp. Names the largest accum_steps below that works and a batch_size."""
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+        return  # optim.validate names it
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % (accum_steps * ways) == 0:
+        return
+    fits = max(k for k in range(1, accum_steps + 1) if batch_size % (k * ways) == 0)
+    unit = accum_steps * ways
+    fix = f"use e.g. optim.accum_steps={fits}, or batch_size={-(-batch_size // unit) * unit}"
+    if batch_size % accum_steps:
+        raise ValueError(f"optim.accum_steps={accum_steps} does not divide batch_size={batch_size} (the global batch): {fix}")
+    raise ValueError(
+        f"batch_size={batch_size} / optim.accum_steps={accum_steps} = {batch_size // accum_steps} samples per "
+        f"micro-batch do not split over the batch axes data x fsdp = {ways} of config.mesh={dict(mesh.shape)}: {fix}"
+    )
 
 
 def with_shardings(shapes: Any, shardings: Any) -> Any:
@@ -87,6 +108,7 @@ def optimizer(config: ml_collections.ConfigDict, run: Setup) -> Optimizer:
     if config.nonfinite.policy == "skip":
         # Never apply a non-finite update; the training loop counts them and stops after
         # config.nonfinite.max_consecutive in a row, so optax's own give-up count is not reached.
+        # One update per step, accumulated or not: a skipped step leaves nothing half-applied.
         tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)
     elif config.nonfinite.policy != "stop":
         raise ValueError(f"config.nonfinite.policy={config.nonfinite.policy!r} is not 'stop' or 'skip'")

@@ -1,5 +1,5 @@
-"""The training loop: init (random or SigLIP 2) or restore, the jitted sharded step, metrics,
-checkpoints and preemption. Every process of a multi-host run runs `train` with the same config.
+"""The training loop: restore (or init, random or SigLIP 2), then per step the jitted sharded
+step, a log line, a checkpoint, and preemption. Every process of a multi-host run runs `train` with the same config.
 """
 import logging
 import os
@@ -181,104 +181,43 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     xla_cache.use(config.compilation_cache.format(workdir=workdir))
     run = run_state.setup(config)
     opt = run_state.optimizer(config, run)
-    params_abstract = run_state.abstract_params(run)
 
     sources, batches, mean, std, lost = training_batches(config)
     iterator = pipeline.iterate(batches, workers=config.data.workers)
 
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep)
-    restored = checkpoints.restore_run(params_abstract, opt.abstract_state, iterator, config.data.workers)
-    start, progress = 0, {}
-    if restored is None:
-        params = run_state.initial_params(run, config.seed, config.init.siglip2, config.init.siglip2_logit_scalars)
-        opt_state = opt.init(params)
-    elif "opt_state" not in restored[1]:  # written by an import: its parameters start the run
-        logging.info("starting from the parameters imported from %s", restored[1]["progress"]["imported_from"])
-        params, opt_state = restored[1]["params"], opt.init(restored[1]["params"])
-    else:
-        start, restored = restored
-        logging.info("resuming from step %d in %s", start, checkpoints.directory)
-        params, opt_state, progress = restored["params"], restored["opt_state"], restored["progress"]
-        mean, std = run_state.stats_from_checkpoint(restored["action_stats"], config, sources, mean, std)
+    start, params, opt_state, progress, mean, std = restore(config, run, opt, checkpoints, iterator, sources, mean, std)
     action_stats = run_state.stats_to_json(config, sources, mean, std)
     if progress and progress.get("missing_shards", {}) != lost:
         logging.warning("data.train lacks %s now, %s at the checkpoint: the batches differ from here on", lost, progress.get("missing_shards"))
-    counter = lambda name: np.array([progress.get(name, {}).get(s.name, 0) for s in sources], np.int64)
-    seen, skipped = counter("samples_seen"), counter("records_skipped")
+    counts = Counts(sources, progress)
     finite = FiniteCheck(config, progress.get("skipped_updates", 0))
 
     batch_sharding = sharding.batch_sharding(run.mesh)
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        step_fn = train_step.jit_train_step(run, opt, config, mean, std)
-        local = next(iterator)
-        first = global_batch(local, batch_sharding)
-        compiled = step_fn.lower(params, opt_state, first).compile()
-    compiled_flops = (compiled.cost_analysis() or {}).get("flops", 0.0)
-    # MFU counts the model's FLOPs, not what XLA compiled: that includes rematerialisation and
-    # counts the ring loss's scan body once.
-    model_flops = flops.train_flops_per_sample(config.model, config.batch_size) * config.batch_size / run.mesh.size
-    peak = peak_flops_per_device(jax.devices()[0])
+    local = next(iterator)
+    batch = global_batch(local, batch_sharding)
+    compiled = compile_step(config, run, opt, mean, std, params, opt_state, batch)
 
     log = MetricsLog(workdir, total_steps=config.total_steps, start=start)
     preemption = Preemption()
-    # With gradient accumulation every optimizer step takes `accum` micro-batches; steps,
-    # checkpoints and the schedule count optimizer steps.
-    accum = config.optim.accum_steps
-    last, batch, timer, steps_timed, preempted, micro_metrics = {}, first, time.perf_counter(), 0, None, []
-    # This process's rows, and rows whose record failed to read, since the start or resume.
-    local_seen, local_skipped = np.zeros(len(sources), np.int64), np.zeros(len(sources), np.int64)
+    timer = StepTimer(config, run, compiled)
+    last, preempted = {}, None
     try:
-        for micro_step in range(start * accum + 1, config.total_steps * accum + 1):
+        for step in range(start + 1, config.total_steps + 1):
             params, opt_state, metrics = compiled(params, opt_state, batch)
-            micro_metrics.append(metrics)
-            local_seen += np.bincount(local["source_index"], minlength=len(sources))
-            local_skipped += np.bincount(local["source_index"], local["skipped"], minlength=len(sources)).astype(np.int64)
-            if micro_step % accum:
-                local = next(iterator)
-                batch = global_batch(local, batch_sharding)
-                continue
-            step = micro_step // accum
-            # An optimizer step's loss and top-1: the means over its (equal-sized) micro-batches;
-            # its gradient norm is already the mean gradient's (train_step.applied_gradient_norm).
-            if accum > 1:
-                metrics = dict(metrics, **{k: sum(m[k] for m in micro_metrics) / accum for k in ("loss", "top1")})
-            micro_metrics = []
-            steps_timed += 1
+            counts.add(local)
             finite.add(step, metrics)
-            final = step == config.total_steps
-            stop = preemption.reached(step)
+            timer.steps += 1
+            final, stop = step == config.total_steps, preemption.reached(step)
             save = step % config.checkpoint.every_steps == 0 or final or stop
             logged = step % config.log.every_steps == 0 or final or step == start + 1
-            if logged or save:
+            if logged or save:  # the host waits for the device here anyway
                 finite.check(params if save else None)
-                total_seen, total_skipped = seen + all_processes_sum(local_seen), skipped + all_processes_sum(local_skipped)
             if logged:
-                metrics = jax.device_get(metrics)
-                elapsed = (time.perf_counter() - timer) / steps_timed
-                last = dict(
-                    {k: float(v) for k, v in metrics.items()},
-                    step=step,
-                    learning_rate=float(opt.schedule(step - 1)),
-                    chance_top1=1.0 / config.batch_size,
-                    step_time=elapsed,
-                    samples_per_second=config.batch_size * accum / elapsed,
-                    flops_per_device=model_flops * accum,
-                    compiled_flops_per_device=compiled_flops * accum,
-                    mfu=model_flops * accum / elapsed / peak if peak else None,
-                    skipped_updates=finite.skipped,
-                    **{f"seen_{s.name}": int(n) for s, n in zip(sources, total_seen)},
-                    **{f"records_skipped_{s.name}": int(n) for s, n in zip(sources, total_skipped)},
-                )
-                log.write(last)
-                timer, steps_timed = time.perf_counter(), 0
+                last = log_step(log, step, metrics, opt, timer, counts, finite)
             log.advance()
             if save:
-                progress = dict(
-                    samples_seen={s.name: int(n) for s, n in zip(sources, total_seen)},
-                    records_skipped={s.name: int(n) for s, n in zip(sources, total_skipped)},
-                    skipped_updates=finite.skipped,
-                    missing_shards=lost,
-                )
+                progress = dict(counts.totals(), skipped_updates=finite.skipped, missing_shards=lost)
                 checkpoints.save(step, params, opt_state, iterator, config, progress, action_stats)
                 if stop and not final:
                     logging.warning("saved step %d after SIGTERM; exiting", step)
@@ -295,3 +234,86 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if preempted is not None:
         raise Preempted(preempted)
     return last
+
+
+def restore(config, run, opt, checkpoints: Checkpoints, iterator, sources, mean, std) -> tuple:
+    """The run's start: (step, params, opt_state, progress, mean, std) of the newest intact
+    checkpoint (the iterator restored with it, the action statistics the checkpoint's), or
+    step 0 of an import, or fresh parameters (random or SigLIP 2)."""
+    restored = checkpoints.restore_run(run_state.abstract_params(run), opt.abstract_state, iterator, config.data.workers)
+    if restored is None:
+        params = run_state.initial_params(run, config.seed, config.init.siglip2, config.init.siglip2_logit_scalars)
+        return 0, params, opt.init(params), {}, mean, std
+    step, items = restored
+    if "opt_state" not in items:  # written by an import: its parameters start the run
+        logging.info("starting from the parameters imported from %s", items["progress"]["imported_from"])
+        return 0, items["params"], opt.init(items["params"]), {}, mean, std
+    logging.info("resuming from step %d in %s", step, checkpoints.directory)
+    mean, std = run_state.stats_from_checkpoint(items["action_stats"], config, sources, mean, std)
+    return step, items["params"], items["opt_state"], items["progress"], mean, std
+
+
+def compile_step(config, run, opt, mean, std, params, opt_state, batch):
+    """The jitted step, compiled for these arguments (or loaded from the compilation cache)."""
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        return train_step.jit_train_step(run, opt, config, mean, std).lower(params, opt_state, batch).compile()
+
+
+class Counts:
+    """Samples seen and records that failed to read, per source: the checkpoint's totals plus
+    this process's rows since the start or resume (summed over processes when read)."""
+
+    def __init__(self, sources: list[pipeline.Source], progress: dict):
+        self.names = [s.name for s in sources]
+        stored = lambda key: np.array([progress.get(key, {}).get(n, 0) for n in self.names], np.int64)
+        self.stored = dict(samples_seen=stored("samples_seen"), records_skipped=stored("records_skipped"))
+        self.local = {key: np.zeros(len(self.names), np.int64) for key in self.stored}
+
+    def add(self, local: dict) -> None:
+        index, n = local["source_index"], len(self.names)
+        self.local["samples_seen"] += np.bincount(index, minlength=n)
+        self.local["records_skipped"] += np.bincount(index, local["skipped"], minlength=n).astype(np.int64)
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        """{samples_seen, records_skipped: {source: count}} over all processes (a collective)."""
+        return {key: dict(zip(self.names, map(int, self.stored[key] + all_processes_sum(self.local[key])))) for key in self.stored}
+
+
+class StepTimer:
+    """Seconds per step since the last log, and the FLOPs that make MFU of them."""
+
+    def __init__(self, config: ml_collections.ConfigDict, run: run_state.Setup, compiled):
+        self.batch_size, self.start, self.steps = config.batch_size, time.perf_counter(), 0
+        self.compiled_flops = (compiled.cost_analysis() or {}).get("flops", 0.0)
+        # MFU counts the model's FLOPs, not what XLA compiled: that includes rematerialisation,
+        # accumulation's second forward, and counts the ring loss's scan body once.
+        self.model_flops = flops.train_flops_per_sample(config.model, config.batch_size) * config.batch_size / run.mesh.size
+        self.peak = peak_flops_per_device(jax.devices()[0])
+
+    def lap(self) -> dict:
+        elapsed = (time.perf_counter() - self.start) / self.steps
+        self.start, self.steps = time.perf_counter(), 0
+        return dict(
+            step_time=elapsed,
+            samples_per_second=self.batch_size / elapsed,
+            flops_per_device=self.model_flops,
+            compiled_flops_per_device=self.compiled_flops,
+            mfu=self.model_flops / elapsed / self.peak if self.peak else None,
+        )
+
+
+def log_step(log: MetricsLog, step: int, metrics: dict, opt, timer: StepTimer, counts: Counts, finite: FiniteCheck) -> dict:
+    """Writes step `step`'s line (console, TensorBoard, metrics.jsonl) and returns it."""
+    totals = counts.totals()
+    line = dict(
+        {k: float(v) for k, v in jax.device_get(metrics).items()},
+        step=step,
+        learning_rate=float(opt.schedule(step - 1)),
+        chance_top1=1.0 / timer.batch_size,
+        **timer.lap(),
+        skipped_updates=finite.skipped,
+        **{f"seen_{name}": n for name, n in totals["samples_seen"].items()},
+        **{f"records_skipped_{name}": n for name, n in totals["records_skipped"].items()},
+    )
+    log.write(line)
+    return line

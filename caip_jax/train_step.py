@@ -3,6 +3,7 @@ dense), backward and the optimizer update, jitted with the shardings and donatio
 caip-train runs and caip-compile lowers; and the abstract global batch it takes, so that the
 step can be lowered without data.
 """
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -10,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from caip_jax import device_prep, loss, sharding
 from caip_jax.data.schema import NUM_HANDS, NUM_KEYPOINTS
@@ -19,6 +22,7 @@ from caip_jax.run_state import Optimizer, Setup
 BATCH_KEYS = ("image", "jitter", "text", "translation", "translation_scale", "rotation", "valid", "source_index")
 
 LOSSES = ("ring", "dense")
+BATCH_AXES = ("data", "fsdp")  # sharding.batch_sharding's
 
 
 def contrastive_loss(name: str, mesh: jax.sharding.Mesh) -> Callable:
@@ -35,57 +39,117 @@ def contrastive_loss(name: str, mesh: jax.sharding.Mesh) -> Callable:
     raise ValueError(f"config.loss={name!r} is not one of {LOSSES}")
 
 
-def make_loss_fn(model: nn.Module, mesh, config: ml_collections.ConfigDict, mean, std) -> Callable:
-    """(params, batch) -> (loss, top1): colour jitter, action chunks normalised with `mean`,
-    `std` [S, 2, 21, 9] per source, forward and the loss `config.loss`."""
-    contrastive = contrastive_loss(config.loss, mesh)
+def make_embed_fn(model: nn.Module, config: ml_collections.ConfigDict, mean, std) -> Callable:
+    """(params, batch of b) -> (z_image [b, D], z_action [b, D]) float32, L2-normalised: colour
+    jitter, action chunks normalised with `mean`, `std` [S, 2, 21, 9] per source, forward."""
 
-    def loss_fn(params, batch):
+    def embed(params, batch):
         action, action_mask = device_prep.action_chunks(
             batch, config.model.action.horizon, config.data.delta, mean, std
         )
         image = device_prep.color_jitter(batch["image"], batch["jitter"])
         out = model.apply({"params": params}, image, batch["text"], action, action_mask)
-        z_image = loss.l2_normalize(out["image_pooled"])
-        z_action = loss.l2_normalize(out["action_embedding"])
+        return loss.l2_normalize(out["image_pooled"]), loss.l2_normalize(out["action_embedding"])
+
+    return embed
+
+
+def make_loss_fn(model: nn.Module, mesh, config: ml_collections.ConfigDict, mean, std) -> Callable:
+    """(params, batch) -> (loss, top1): `make_embed_fn`'s embeddings and the loss `config.loss`."""
+    contrastive, embed = contrastive_loss(config.loss, mesh), make_embed_fn(model, config, mean, std)
+
+    def loss_fn(params, batch):
+        z_image, z_action = embed(params, batch)
         return contrastive(z_image, z_action, params["t"], params["b"])
 
     return loss_fn
 
 
+def batch_ways(mesh: jax.sharding.Mesh) -> int:
+    """How many ways the batch is split: the size of the batch axes."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def split_micro_batches(x: jax.Array, k: int, mesh: jax.sharding.Mesh) -> jax.Array:
+    """[B, ...] split over the n batch ways -> [k, B / k, ...], micro-batch i made of rows
+    [i m, (i + 1) m) of every device's B / n rows (m = B / (n k)) and split over the same ways:
+    each device keeps its own rows, so no data moves (a plain reshape to [k, B / k] would give
+    micro-batch i to devices i n / k .. only, an all-to-all)."""
+    n = batch_ways(mesh)
+    rest = x.shape[1:]
+    x = x.reshape(n, k, x.shape[0] // (n * k), *rest)
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
+    x = x.swapaxes(0, 1).reshape(k, -1, *rest)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
+
+
+def merge_micro_batches(x: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
+    """The inverse of `split_micro_batches`: [k, B / k, ...] -> [B, ...] in the batch's order."""
+    n, (k, rows), rest = batch_ways(mesh), x.shape[:2], x.shape[2:]
+    x = x.reshape(k, n, rows // n, *rest).swapaxes(0, 1).reshape(k * rows, *rest)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
+
+
+def make_accumulated_value_and_grad(model: nn.Module, mesh, config: ml_collections.ConfigDict, mean, std) -> Callable:
+    """(params, batch of B) -> ((loss, top1), grads): the value and gradient of the loss over the
+    whole batch, as `jax.value_and_grad(make_loss_fn(...))` gives them, computed in
+    k = `config.optim.accum_steps` micro-batches of B / k so that activations are held for one
+    micro-batch only (the "gradient cache" of Gao et al. 2021, open_clip's accum_freq):
+
+      pass 1 (lax.scan, no gradient): every micro-batch's embeddings, kept: 2 [B, D] float32;
+      the loss over all of them (every sample meets all B - 1 negatives) and its gradient with
+      respect to the embeddings, t and b;
+      pass 2 (lax.scan): each micro-batch's forward again under jax.vjp, pulled back from its
+      embeddings' cotangents, summed into the parameter gradient.
+
+    The sigmoid loss does not split into per-micro-batch terms, so accumulating micro-batch
+    gradients (optax.MultiSteps) would train another objective; this costs one more forward."""
+    k = config.optim.accum_steps
+    contrastive, embed = contrastive_loss(config.loss, mesh), make_embed_fn(model, config, mean, std)
+    split = lambda tree: jax.tree.map(lambda x: split_micro_batches(x, k, mesh), tree)
+
+    def value_and_grad(params, batch):
+        micro = split(batch)
+        frozen = jax.lax.stop_gradient(params)
+        _, embeddings = jax.lax.scan(lambda _, b: (None, embed(frozen, b)), None, micro)
+        z_image, z_action = (merge_micro_batches(z, mesh) for z in embeddings)
+        value, pull, top1 = jax.vjp(contrastive, z_image, z_action, params["t"], params["b"], has_aux=True)
+        dz_image, dz_action, dt, db = pull(jnp.ones_like(value))
+
+        def backward(total, inputs):
+            batch, cotangents = inputs
+            _, pull_params = jax.vjp(lambda p: embed(p, batch), params)
+            return jax.tree.map(jnp.add, total, pull_params(cotangents)[0]), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, _ = jax.lax.scan(backward, zeros, (micro, (split(dz_image), split(dz_action))))
+        return (value, top1), dict(grads, t=grads["t"] + dt, b=grads["b"] + db)
+
+    return value_and_grad
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh, config: ml_collections.ConfigDict, mean, std):
-    """(params, opt_state, batch) -> (params, opt_state, metrics): `make_loss_fn`'s loss, its
-    gradient and the optimizer update."""
-    loss_fn = make_loss_fn(model, mesh, config, mean, std)
+    """(params, opt_state, batch) -> (params, opt_state, metrics): the loss over the batch, its
+    gradient (in `config.optim.accum_steps` micro-batches if > 1) and one optimizer update."""
+    if config.optim.accum_steps > 1:
+        value_and_grad = make_accumulated_value_and_grad(model, mesh, config, mean, std)
+    else:
+        value_and_grad = jax.value_and_grad(make_loss_fn(model, mesh, config, mean, std), has_aux=True)
 
     def step(params, opt_state, batch):
-        (value, top1), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-        norm = applied_gradient_norm(grads, opt_state)
+        (value, top1), grads = value_and_grad(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = dict(
             loss=value,
             top1=top1,
-            grad_norm=norm,
+            grad_norm=optax.tree.norm(grads),
             temperature=jnp.exp(params["t"]),
             bias=params["b"],
         )
         return params, opt_state, metrics
 
     return step
-
-
-def applied_gradient_norm(grads, opt_state) -> jax.Array:
-    """The norm of the gradient the optimizer is given: with accumulation (optax.MultiSteps, its
-    running mean `acc_grads` over the step's micro-batches) the mean so far including `grads`,
-    which at the step's last micro-batch is the mean gradient that is clipped and applied (over
-    the leaves that accumulate: frozen ones hold none)."""
-    accumulated = optax.tree.get(opt_state, "acc_grads")
-    if accumulated is None:
-        return optax.tree.norm(grads)
-    seen = optax.tree.get(opt_state, "mini_step")
-    by_path = dict(jax.tree_util.tree_leaves_with_path(grads))
-    return optax.tree.norm([a + (by_path[path] - a) / (seen + 1) for path, a in jax.tree_util.tree_leaves_with_path(accumulated)])
 
 
 def jit_train_step(run: Setup, opt: Optimizer, config: ml_collections.ConfigDict, mean, std):
