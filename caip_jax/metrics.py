@@ -1,13 +1,14 @@
-"""Training metrics to the console (progress bar), TensorBoard and WORKDIR/metrics.jsonl, from
-process 0 only; and the devices' peak FLOP/s (for MFU) and memory."""
+"""Training metrics to the console (progress bar), TensorBoard and WORKDIR/metrics.jsonl (local or
+object storage), from process 0 only; and the devices' peak FLOP/s (for MFU) and memory."""
 import json
 import math
-import os
 from typing import NamedTuple
 
 import jax
 import tqdm
 from tensorboardX import SummaryWriter
+
+from caip_jax import storage
 
 GiB = 2**30
 
@@ -76,16 +77,15 @@ class MetricsLog:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._jsonl = storage.GrowingFile(storage.join(workdir, "metrics.jsonl"))
+        self._tensorboard = SummaryWriter(storage.join(workdir, "tensorboard"))
         self._bar = tqdm.tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True)
 
     def write(self, metrics: dict) -> None:
         if not self.enabled:
             return
         step = metrics["step"]
-        self._jsonl.write(json.dumps(finite_or_none(metrics), allow_nan=False) + "\n")
-        self._jsonl.flush()
+        self._jsonl.write_line(json.dumps(finite_or_none(metrics), allow_nan=False))
         for name, value in metrics.items():
             if name != "step" and isinstance(value, (int, float)):
                 self._tensorboard.add_scalar(name, value, step)

@@ -2,7 +2,6 @@
 step, a log line, a checkpoint, and preemption. Every process of a multi-host run runs `train` with the same config.
 """
 import logging
-import os
 import signal
 import time
 from typing import Any
@@ -14,9 +13,9 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from caip_jax import flops, run_state, sharding, train_step, xla_cache
+from caip_jax import flops, run_state, sharding, storage, train_step, xla_cache
 from caip_jax.checkpoint import Checkpoints
-from caip_jax.data import pipeline, records
+from caip_jax.data import pipeline
 from caip_jax.data.tokenizer import Tokenizer
 from caip_jax.metrics import MetricsLog, peak_flops_per_device
 
@@ -158,8 +157,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        records.write_json(workdir, "config.json", config.to_dict())
+        storage.write_json(storage.join(workdir, "config.json"), config.to_dict())
 
 
 def import_siglip2(config: ml_collections.ConfigDict, path: str, workdir: str) -> int:

@@ -10,6 +10,8 @@ from etils import epath
 from jax._src.compilation_cache import decompress_executable
 from jax.experimental.compilation_cache import compilation_cache
 
+from caip_jax import storage
+
 ENTRY_SUFFIX, ATIME_SUFFIX = "-cache", "-atime"  # jax._src.lru_cache's file names
 
 
@@ -18,7 +20,9 @@ def use(path: str) -> None:
     Entries that a killed writer left cut short are removed first (see `remove_unreadable`)."""
     if not path:
         return
-    if jax.process_index() == 0:  # the only process JAX lets write the cache
+    # Object storage uploads an entry whole or not at all, so nothing there is cut short; checking
+    # would download and decompress every entry at every start.
+    if jax.process_index() == 0 and not storage.is_remote(path):  # process 0: the only one JAX lets write
         remove_unreadable(path)
     if jax.config.jax_compilation_cache_dir != path:
         compilation_cache.set_cache_dir(path)

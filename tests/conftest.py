@@ -18,6 +18,8 @@ os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), os.environ["CAIP_TEST_XLA_FLAGS"], "--xla_force_host_platform_device_count=8"]).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# No client may look for the GCE metadata server beyond loopback (google-auth reads these).
+os.environ["GCE_METADATA_HOST"] = os.environ["GCE_METADATA_IP"] = "127.0.0.1:9"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # trust_remote_code copies model code here; read by transformers when first imported.
 os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="hf_modules_")
@@ -45,3 +47,25 @@ def record_set(tmp_path_factory):
     return str(root / "records"), spm
 
 
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS emulator on loopback for this pytest worker, every client pointed at it from here on
+    (subprocesses inherit the variables); see tests/gcs.py."""
+    from gcs import Emulator
+
+    emulator = Emulator()
+    os.environ.update(emulator.environment())
+    yield emulator
+    emulator.close()
+
+
+@pytest.fixture
+def bucket(gcs, request):
+    """A new empty bucket of the emulator, "gs://NAME"."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:6]
+    return gcs.create_bucket(name)

@@ -98,19 +98,21 @@ def test_parameters_are_sharded_fsdp_style(record_set):
     assert summary.parameter_counts(config.model)["total"] * 4 == total
 
 
-def launch(args, devices, program=("-m", "tools.train"), fast_compile=True):
+def launch(args, devices, program=("-m", "tools.train"), fast_compile=True, cwd=None, env=None):
     """`program` (default caip-train) in a new process with `devices` virtual CPU devices; with
     `fast_compile`, the tests' XLA flags (conftest.py), which a run that computes more than it
-    compiles (the demo) goes without. tests/ on its path for the config file's imports."""
+    compiles (the demo) goes without. tests/ and the repository on its path (for the config
+    file's imports, and for `-m tools...` from another `cwd`); `env` replaces os.environ."""
     flags = [os.environ["CAIP_TEST_XLA_FLAGS"]] if fast_compile else []
     env = dict(
-        os.environ,
+        os.environ if env is None else env,
         XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
         JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__)),
+                                    os.environ.get("PYTHONPATH", "")]),
     )
     command = [sys.executable, *program, *map(str, args)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
 
 
 def wait_for(predicate, timeout=300):

@@ -41,6 +41,7 @@ from apache_beam.runners.portability import fn_api_runner
 from apache_beam.runners.runner import PipelineState
 from array_record.python import array_record_module
 
+from caip_jax import storage
 from caip_jax.data import convert, records
 from caip_jax.data.convert import ConvertOptions
 
@@ -242,12 +243,15 @@ def _create(path: str):
 
 
 def write_json(directory: str, name: str, content: dict) -> None:
-    """records.write_json through FileSystems (any Beam path): written beside, then renamed, so
-    a reader never sees half a file."""
+    """records.write_json through FileSystems (any Beam path), so that a reader never sees half a
+    file: a local file is written beside, then renamed; an object upload is all-or-nothing
+    already (and a rename on object storage is a copy and a delete)."""
     path = FileSystems.join(directory, name)
-    with _create(path + ".tmp") as f:
+    partial = path if storage.is_remote(path) else path + ".tmp"
+    with _create(partial) as f:
         f.write(json.dumps(content, indent=1, sort_keys=True).encode())
-    FileSystems.rename([path + ".tmp"], [path])
+    if partial != path:
+        FileSystems.rename([partial], [path])
 
 
 def read_json(directory: str, name: str) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 import tqdm
 from PIL import Image
 
-from caip_jax import actions
+from caip_jax import actions, storage
 from caip_jax.data import records
 from caip_jax.data.schema import Episode, EpisodeError
 from caip_jax.data.stats import RunningStats
@@ -263,32 +263,35 @@ def convert(
     source_options = source_options or {}
     keys = list_keys(source, input_path, source_options)
     work = functools.partial(read_and_convert, source, input_path, source_options, options)
-    summary, writer = Summary(), records.ShardWriter(output_dir, shards)
-    start = time.time()
-    with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(tqdm.tqdm(total=len(keys), desc=f"{source} -> {output_dir}", unit="episode"))
-        results = map(work, keys)
-        if workers > 1:
-            # spawn, not fork: the parent may hold threads (PyAV, h5py) that fork would break.
-            pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
-            results = stack.enter_context(pool).map(work, keys)
-        for number, result in enumerate(results):
-            summary.add(result)
-            if isinstance(result, EpisodeResult):
-                writer.write_episode(number, result.records)
-            bar.update()
-            bar.set_postfix(records=summary.records, failed=len(summary.failed))
-    writer.close()
-    elapsed = time.time() - start
-    records.write_json(output_dir, "stats.json", {d: s.to_json() for d, s in summary.stats.items()})
-    content = summary.to_json(
-        source=source,
-        input=input_path,
-        options=dataclasses.asdict(options),
-        source_options=source_options,
-        episodes_listed=len(keys),
-        seconds=elapsed,
-        episodes_per_second=len(keys) / elapsed,
-    )
-    records.write_json(output_dir, "summary.json", content)
+    # ArrayRecord writes local files only: a remote record set is written here, then uploaded
+    # whole, summary.json (which marks a set complete) last.
+    with storage.staged_directory(output_dir, last=("summary.json",)) as local_dir:
+        summary, writer = Summary(), records.ShardWriter(local_dir, shards)
+        start = time.time()
+        with contextlib.ExitStack() as stack:
+            bar = stack.enter_context(tqdm.tqdm(total=len(keys), desc=f"{source} -> {output_dir}", unit="episode"))
+            results = map(work, keys)
+            if workers > 1:
+                # spawn, not fork: the parent may hold threads (PyAV, h5py) that fork would break.
+                pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
+                results = stack.enter_context(pool).map(work, keys)
+            for number, result in enumerate(results):
+                summary.add(result)
+                if isinstance(result, EpisodeResult):
+                    writer.write_episode(number, result.records)
+                bar.update()
+                bar.set_postfix(records=summary.records, failed=len(summary.failed))
+        writer.close()
+        elapsed = time.time() - start
+        records.write_json(local_dir, "stats.json", {d: s.to_json() for d, s in summary.stats.items()})
+        content = summary.to_json(
+            source=source,
+            input=input_path,
+            options=dataclasses.asdict(options),
+            source_options=source_options,
+            episodes_listed=len(keys),
+            seconds=elapsed,
+            episodes_per_second=len(keys) / elapsed,
+        )
+        records.write_json(local_dir, "summary.json", content)
     return content

@@ -6,7 +6,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from caip_jax import actions
+from caip_jax import actions, storage
 from caip_jax.data import pipeline, records
 from caip_jax.data.schema import HANDS
 
@@ -84,7 +84,7 @@ def contact_sheet(directory: str, path: str, num: int = 16, tile: int = 192) -> 
         sheet.paste(frame, (x, y))
         draw.text((x + 2, y + tile + 1), sample["text"][:34], fill="black")
         draw.text((x + 2, y + tile + 14), f"{sample['episode_id'][:22]} #{sample['frame_index']}", fill="gray")
-    sheet.save(path)
+    storage.write_encoded(path, lambda f: sheet.save(f, format="PNG"))
 
 
 def dump(directory: str, preprocess: pipeline.Preprocess, num: int, path: str, delta: str = "anchor") -> None:
@@ -94,12 +94,12 @@ def dump(directory: str, preprocess: pipeline.Preprocess, num: int, path: str, d
     samples = pipeline.eval_samples(directory, preprocess)
     rows = [samples[i] for i in range(min(num, len(samples)))]
     chunks = [actions.compressed_action_chunk(r, r["valid"], preprocess.horizon, delta) for r in rows]
-    np.savez(
-        path,
+    storage.write_encoded(path, lambda f: np.savez(
+        f,
         image=np.stack([r["image"] for r in rows]),
         text_ids=np.stack([r["text"] for r in rows]),
         action=np.stack([a for a, _ in chunks]),
         action_mask=np.stack([m for _, m in chunks]),
         episode_id=np.array([r["episode_id"] for r in rows]),
         frame_index=np.array([r["frame_index"] for r in rows]),
-    )
+    ))

@@ -29,6 +29,8 @@ import numpy as np
 from array_record.python import array_record_module
 from etils import epath
 
+from caip_jax import storage
+
 # One record per chunk: cheap random access for grain. Uncompressed: zstd (the default) saves
 # only ~10% (JPEG bytes do not compress) and costs ~30 us a read, ~4% of a sample's host time.
 WRITER_OPTIONS = "group_size:1,uncompressed"
@@ -152,7 +154,7 @@ def open_set(directory: str, missing_shards: str = "error") -> RecordSet:
     present = {int(m[1]) for m in names}
     absent = [SHARD_PATTERN.format(index=i, count=totals[0]) for i in range(totals[0]) if i not in present]
     expected = None
-    if (epath.Path(directory) / "summary.json").exists():
+    if storage.exists(storage.join(directory, "summary.json")):
         summary = read_json(directory, "summary.json")
         if not isinstance(summary, dict) or not isinstance(summary.get("records"), int):
             raise RecordSetError(f"{directory}/summary.json has no record count ('records'): restore it, or rebuild the record set")
@@ -207,7 +209,8 @@ def verify(directory: str, shards: list[tuple[str, int | None]], absent: list[st
 
 class ShardWriter:
     """Writes samples round-robin by episode into `count` shards, so a shard's content depends
-    only on the episode order, never on how many workers converted them."""
+    only on the episode order, never on how many workers converted them. ArrayRecord writes
+    local files only: `directory` is local (see storage.staged_directory)."""
 
     def __init__(self, directory: str, count: int):
         os.makedirs(directory, exist_ok=True)
@@ -231,9 +234,9 @@ class ShardWriter:
 
 
 def read_json(directory: str, name: str) -> dict:
-    path = epath.Path(directory) / name
+    path = storage.join(directory, name)
     try:
-        return json.loads(path.read_text())
+        return storage.read_json(path)
     except json.JSONDecodeError as error:
         raise RecordSetError(
             f"{path} is not valid JSON ({error}): restore the file, or rebuild the record set "
@@ -242,11 +245,8 @@ def read_json(directory: str, name: str) -> dict:
 
 
 def write_json(directory: str, name: str, content: dict) -> None:
-    """Writes atomically, so a reader never sees half a file."""
-    path = os.path.join(directory, name)
-    with open(path + ".tmp", "w") as f:
-        json.dump(content, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    """Writes whole or not at all (storage.write_bytes), so a reader never sees half a file."""
+    storage.write_json(storage.join(directory, name), content)
 
 
 def no_intrinsics() -> np.ndarray:

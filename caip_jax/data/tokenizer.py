@@ -25,26 +25,31 @@ What SigLIP 2 does, and where that is written:
 The text tower sees the pads (no mask) and pools the last position, so the fixed length and
 the right padding are part of the model's input, not a batching detail.
 """
-import os
 import string
 from collections.abc import Sequence
 
 import numpy as np
 import sentencepiece
+from etils import epath
+
+from caip_jax import storage
 
 # big_vision's `lower`: ASCII letters only (tf.strings.lower with its default encoding '').
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
-def _model_file(path: str) -> str:
-    """A sentencepiece .model file, or the tokenizer.model inside a Hugging Face directory."""
-    candidate = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
-    if not os.path.isfile(candidate):
+def model_proto(path: str) -> bytes:
+    """The bytes of a sentencepiece .model file, or of the tokenizer.model inside a Hugging Face
+    directory; local or remote (gs://: sentencepiece opens local files only, so it is given the
+    bytes)."""
+    candidate = storage.join(path, "tokenizer.model") if path and epath.Path(path).is_dir() else path
+    try:
+        return storage.read_bytes(candidate)
+    except (FileNotFoundError, IsADirectoryError) as error:
         raise FileNotFoundError(
             f"{path!r} is neither a sentencepiece .model file nor a directory holding "
             "tokenizer.model (as the Hugging Face SigLIP 2 and Gemma repos do)"
-        )
-    return candidate
+        ) from error
 
 
 class Tokenizer:
@@ -55,7 +60,7 @@ class Tokenizer:
         `length`: the token count of every encoded text (SigLIP 2: 64)."""
         if length < 1:
             raise ValueError(f"length={length}: a text needs at least one position (its EOS)")
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=_model_file(path))
+        self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto(path))
         self.length = length
         if self.pad_id < 0 or self.eos_id < 0:
             raise ValueError(

@@ -9,10 +9,10 @@ at SigLIP 2 init) and each feature kind (features.KINDS), on records it never tr
 """
 import json
 import logging
-import os
 
 import numpy as np
 
+from caip_jax import storage
 from caip_jax.evaluate import features, plot, probes, retrieval
 
 PLOT_HORIZONS = (1, 2, 4, 8, 16, 32, 64)
@@ -85,10 +85,7 @@ def markdown(report: dict) -> str:
 
 def write(report: dict, out: str, title: str) -> None:
     """report.json, report.md and r2_by_horizon.png (image_pooled features, a line per model)."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(f"# {title}\n\n" + markdown(report))
+    storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=2))
+    storage.write_text(storage.join(out, "report.md"), f"# {title}\n\n" + markdown(report))
     rows = {name: row["probes"]["image_pooled"]["r2_by_horizon"] for name, row in report.items()}
-    plot.plot_r2_by_horizon(rows, os.path.join(out, "r2_by_horizon.png"), f"{title}: action R² (image_pooled)")
+    plot.plot_r2_by_horizon(rows, storage.join(out, "r2_by_horizon.png"), f"{title}: action R² (image_pooled)")

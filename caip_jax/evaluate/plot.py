@@ -6,6 +6,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
+from caip_jax import storage
+
 # Row i is drawn in COLORS[i % len(COLORS)] (RGB; matplotlib's tab10 blue, red, green, ...), so
 # the first row (the trained model) keeps its colour whatever baselines follow.
 COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
@@ -53,4 +55,5 @@ def r2_by_horizon_figure(rows: dict[str, dict[int, float]], title: str, size: tu
 
 def plot_r2_by_horizon(rows: dict[str, dict[int, float]], path: str, title: str, **figure_args) -> None:
     """`r2_by_horizon_figure(rows, title, **figure_args)` saved as a PNG at `path`."""
-    r2_by_horizon_figure(rows, title, **figure_args).savefig(path, format="png")
+    figure = r2_by_horizon_figure(rows, title, **figure_args)
+    storage.write_encoded(path, lambda f: figure.savefig(f, format="png"))

@@ -10,11 +10,12 @@ The maths is jnp (jit-friendly); the drawing is numpy + PIL, with no plotting li
 """
 import io
 import math
-import os
 
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from caip_jax import storage
 
 # Matplotlib's 'inferno' sampled at i/8, i = 0..8 (RGB): perceptually uniform, dark to bright,
 # and readable in grey scale. Linear interpolation between these anchors is close enough for display.
@@ -108,7 +109,7 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarr
 def load_frames(frames: list, size: int) -> np.ndarray:
     """Image files, JPEG bytes or PIL images -> uint8 [B, size, size, 3], resized as the model's
     input (the whole frame, bilinear: `Preprocess.image` without augmentation)."""
-    load = lambda f: Image.open(io.BytesIO(f)) if isinstance(f, bytes) else f if isinstance(f, Image.Image) else Image.open(f)
+    load = lambda f: f if isinstance(f, Image.Image) else Image.open(io.BytesIO(f if isinstance(f, bytes) else storage.read_bytes(f)))
     return np.stack([np.asarray(load(f).convert("RGB").resize((size, size), Image.BILINEAR)) for f in frames])
 
 
@@ -171,9 +172,7 @@ def save_png(array: np.ndarray, path: str) -> None:
     array = np.asarray(array)
     if array.dtype != np.uint8:
         raise ValueError(f"save_png takes uint8, got {array.dtype}: convert with overlay or np.uint8 first")
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(array).save(path, format="PNG")
+    storage.write_encoded(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def region_mass(weights: jnp.ndarray, masks) -> jnp.ndarray:

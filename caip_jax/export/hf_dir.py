@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 
 import jax
@@ -19,11 +20,12 @@ import numpy as np
 import safetensors
 
 from caip_jax import config as caip_config
-from caip_jax import torch_names, train
+from caip_jax import storage, torch_names, train
 from caip_jax.checkpoint import Checkpoints
 from caip_jax.export import safetensors_stream
 from caip_jax.export.hf.configuration_caip import CAIPConfig
 from caip_jax.export.hf.processing_caip import CAIPProcessor
+from caip_jax.data.tokenizer import model_proto
 from caip_jax.init.siglip2 import replace_towers
 from caip_jax.models import layout
 from caip_jax.models.caip import tower_size
@@ -118,10 +120,12 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
         raise FileNotFoundError(f"{workdir} holds no checkpoint: train first (caip-train) or give another --workdir")
     run = checkpoints.restore_config(step)
     tokenizer = tokenizer or run.data.tokenizer
-    if not os.path.isfile(tokenizer) and not os.path.isdir(tokenizer):
+    try:
+        tokenizer_bytes = model_proto(tokenizer)
+    except FileNotFoundError as error:
         raise FileNotFoundError(
             f"the run's tokenizer {tokenizer!r} is not there: pass --tokenizer with the sentencepiece model it trained with"
-        )
+        ) from error
     checkpoints.check_shapes(step, "params", abstract_params(run.model))
     stored = checkpoints.param_metadata(step)
     # Blocks in one order whichever layout stored them, so that both write the same file.
@@ -138,19 +142,24 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
             for name in chunk:
                 yield from torch_tensors(name, values[name]).items()
 
-    os.makedirs(out, exist_ok=True)
-    size = safetensors_stream.save(os.path.join(out, "model.safetensors"), specs, tensors(), metadata={"format": "pt"})
-    config = CAIPConfig(**hf_config(run.model), architectures=["CAIPModel"], dtype=dtype,
-                        auto_map={"AutoConfig": "configuration_caip.CAIPConfig", "AutoModel": "modeling_caip.CAIPModel"})
-    config.save_pretrained(out)
-    for name in MODEL_CODE:
-        shutil.copy(os.path.join(HF_CODE, name), out)
-    # None for an imported step 0: the processor then refuses poses, saying why.
-    action_stats = checkpoints.restore_json(step, "action_stats")
-    CAIPProcessor(tokenizer, image_size=run.model.image_size, text_length=run.model.text.length,
-                  action_stats=action_stats).save_pretrained(out)
-    with open(os.path.join(out, RUN_CONFIG), "w") as f:
-        json.dump(run.to_dict(), f, indent=2)
+    # safetensors and the processor write local files: a remote `out` is written here first, then
+    # uploaded whole.
+    with storage.staged_directory(out) as local_out, tempfile.TemporaryDirectory() as scratch:
+        size = safetensors_stream.save(os.path.join(local_out, "model.safetensors"), specs, tensors(), metadata={"format": "pt"})
+        config = CAIPConfig(**hf_config(run.model), architectures=["CAIPModel"], dtype=dtype,
+                            auto_map={"AutoConfig": "configuration_caip.CAIPConfig", "AutoModel": "modeling_caip.CAIPModel"})
+        config.save_pretrained(local_out)
+        for name in MODEL_CODE:
+            shutil.copy(os.path.join(HF_CODE, name), local_out)
+        tokenizer_file = os.path.join(scratch, "tokenizer.model")
+        with open(tokenizer_file, "wb") as f:
+            f.write(tokenizer_bytes)
+        # None for an imported step 0: the processor then refuses poses, saying why.
+        action_stats = checkpoints.restore_json(step, "action_stats")
+        CAIPProcessor(tokenizer_file, image_size=run.model.image_size, text_length=run.model.text.length,
+                      action_stats=action_stats).save_pretrained(local_out)
+        with open(os.path.join(local_out, RUN_CONFIG), "w") as f:
+            json.dump(run.to_dict(), f, indent=2)
     checkpoints.close()
     summary = dict(step=step, tensors=len(specs), bytes=size, seconds=time.perf_counter() - start)
     logging.info("exported step %d of %s to %s: %s", step, workdir, out, summary)
