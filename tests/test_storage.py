@@ -191,3 +191,20 @@ def test_check_access_names_the_path_and_the_fix(bucket, gcs, tmp_path):
     assert not [name for _, _, names in os.walk(gcs.local_path(bucket)) for name in names]
     with pytest.raises(storage.StorageError, match="does not exist"):
         storage.check_access(str(tmp_path / "absent"))
+
+
+def test_a_shard_deleted_mid_run_stops_the_batches_naming_it(record_set, bucket, gcs):
+    """Not taken for corrupt records to skip: that would change the data, and differently after a
+    restart. The error names the shard and says what to do."""
+    from caip_jax.data import convert, pipeline
+    from test_convert import OPTIONS
+
+    convert.convert("npz", os.path.join(os.path.dirname(record_set[0]), "npz"), f"{bucket}/records", OPTIONS, shards=2)
+    opened = pipeline.open_record_set(f"{bucket}/records")
+    preprocess = pipeline.Preprocess(record_set[1], 32, 16, 8)
+    batches = pipeline.train_batches([(opened, preprocess, 1.0)], 8, seed=0)
+    assert len(batches[0]["text"]) == 8
+    os.remove(gcs.local_path(opened.shards[1]))
+    with pytest.raises(pipeline.ShardReadError, match=r"records-00001-of-00002.array_record record \d+ cannot be read .* restore it"):
+        for step in range(1, 4):
+            batches[step]

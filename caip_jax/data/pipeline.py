@@ -24,12 +24,27 @@ from grain._src.python.dataset.transformations import batch as grain_batch
 import numpy as np
 from PIL import Image
 
+from caip_jax import storage
 from caip_jax.data import batch_ring, records, tfds_builder
 from caip_jax.data.tokenizer import Tokenizer
 
 
 class DataConfigError(ValueError):
     """The records do not fit the config (not a bad record: no record would fit)."""
+
+
+class ShardReadError(OSError):
+    """A shard could not be read at all, not one bad record: deleted since the set was opened, or
+    a storage error that outlasted the client's retries. Skipping its records as corrupt would
+    change the data silently and, unlike a damaged chunk, differently after a restart."""
+
+
+def _unreadable_shard(error: Exception) -> bool:
+    """A read failure of the file itself (absent now, or a storage outage), as array_record's
+    readers, local or GCS, word it."""
+    text = str(error)
+    return (isinstance(error, FileNotFoundError) or "Not Found" in text or "NOT_FOUND" in text
+            or "No such file" in text or storage.is_transient(error))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +225,12 @@ class SkipCorrupt(grain.MapDataset):
             except DataConfigError:
                 raise
             except Exception as error:
+                if record is None and _unreadable_shard(error):
+                    raise ShardReadError(
+                        f"{self._set.directory}: {self._set.locate(position)} cannot be read ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:200]}): the shard was deleted or the storage failed since the "
+                        "set was opened; restore it and run again (training resumes from its last checkpoint)"
+                    ) from error
                 logging.error("skipping a corrupt record: %s %s (%s) at stream index %d: %s: %s",
                               self._set.directory, self._set.locate(position), _identity(record),
                               index + offset, type(error).__name__, error)
