@@ -119,7 +119,7 @@ def test_siglip2_baseline_sees_with_siglip2s_image_tower(caip_export, tmp_path):
     reference = encoders.caip_config(caip_export[1])
     reference.model = tiny.tiny_model_config()  # the towers' sizes of hf_siglip_config
     encoder = encoders.load(f"siglip2:{tmp_path / 'siglip2'}", "patches", reference, cache="")
-    assert encoder.name == "siglip2"
+    assert encoder.name == "siglip2:siglip2"  # the name of the directory its towers came from
     images = frames()
     size = (tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
     pixels = np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BILINEAR)) for f in images])
@@ -132,7 +132,7 @@ def test_siglip2_baseline_sees_with_siglip2s_image_tower(caip_export, tmp_path):
 def test_paths_that_name_no_encoder_are_refused(tmp_path):
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
-    with pytest.raises(ValueError, match=rf"encoder '{empty}' is neither a CAIP workdir .* nor a CAIP export; valid: state, random"):
+    with pytest.raises(ValueError, match=rf"encoder '{empty}' is neither a CAIP workdir .* nor a CAIP export; valid: state, blind, random"):
         encoders.check_spec(empty)
     tiny_dinov2(str(tmp_path / "dino"))
     with pytest.raises(ValueError, match=r"a Hugging Face model: write hf:PATH"):

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import tqdm
@@ -59,11 +60,13 @@ def record_expert(env: Environment, seed: int) -> lerobot_writer.RecordedEpisode
 
 
 def generate(env: Environment, root: str, count: int, seed: int, description: dict) -> dict:
-    """Writes `count` successful expert episodes of `env` to the LeRobot dataset `root`, from
-    reset seeds seed, seed + 1, ... (an episode the expert fails is left out and counted).
-    If `root` already holds demonstrations made the same way (`description`: suite, task,
-    camera, image size...), they are kept. Returns the generation record."""
-    record = dict(description, count=count, seed=seed, action_dim=env.action_dim)
+    """Writes `count` successful expert episodes of `env` to the LeRobot dataset `root` (a
+    local directory), from reset seeds seed, seed + 1, ... (an episode the expert fails is left
+    out and counted). If `root` already holds demonstrations made the same way (`description`:
+    suite, task, camera, image size...), they are kept. The dataset is written beside `root` and
+    renamed into place when whole, so a run cut short leaves no partial dataset there (a
+    leftover partial one is removed and made again). Returns the generation record."""
+    record = request(env, count, seed, description)
     path = os.path.join(root, GENERATION)
     if os.path.exists(path):
         with open(path) as f:
@@ -72,8 +75,15 @@ def generate(env: Environment, root: str, count: int, seed: int, description: di
             raise ValueError(f"{root} holds demonstrations made with {stored.get('request')}, not {record}: "
                              "give another --out or remove that directory")
         return stored
+    if os.path.isdir(root) and os.listdir(root):
+        if not set(os.listdir(root)) <= {"meta", "data", "videos"}:
+            raise ValueError(f"{root} holds other files than a LeRobot dataset and no {GENERATION}: give another directory")
+        logging.warning("%s holds a dataset cut short: making it again", root)
+        shutil.rmtree(root)
+    partial = f"{root.rstrip(os.sep)}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
     camera_key = f"observation.images.{description['camera']}" if description.get("image_size") else None
-    writer = lerobot_writer.Writer(root, env.fps, camera_key, robot_type=description.get("suite", "unknown"))
+    writer = lerobot_writer.Writer(partial, env.fps, camera_key, robot_type=description.get("suite", "unknown"))
     kept, failed, next_seed = 0, [], seed
     with tqdm.tqdm(total=count, unit="demo", desc=f"demonstrations ({env.task})") as bar:
         while kept < count:
@@ -89,11 +99,19 @@ def generate(env: Environment, root: str, count: int, seed: int, description: di
             next_seed += 1
     writer.close()
     stored = dict(request=record, expert_failed_seeds=failed, camera_key=camera_key)
-    with open(path, "w") as f:
+    with open(os.path.join(partial, GENERATION), "w") as f:
         json.dump(stored, f, indent=2)
+    if os.path.isdir(root):
+        os.rmdir(root)  # empty (checked above)
+    os.replace(partial, root)
     if failed:
         logging.warning("%s: the expert failed from seeds %s (left out)", env.task, failed)
     return stored
+
+
+def request(env: Environment, count: int, seed: int, description: dict) -> dict:
+    """What demonstrations made by `generate` depend on (their cache identity)."""
+    return dict(description, count=count, seed=seed, action_dim=env.action_dim)
 
 
 def read(root: str, video_key: str | None = None, state_key: str = lerobot_writer.STATE,

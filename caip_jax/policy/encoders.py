@@ -4,6 +4,8 @@ simulator states of a batch -> feature tokens [B, N, D] (N = 1 for the pooled em
 Specs (caip-policy-eval's --encoder):
     state          the simulator's ground-truth state (no image: the upper bound that shows
                    the policy itself works)
+    blind          constant features (no image, no simulator state): what the instruction and
+                   the robot's proprioception alone achieve, the floor an encoder must beat
     random         CAIP at random init (the reference CAIP config: the first CAIP path given,
                    or the one `parse` is passed)
     siglip2:PATH   CAIP with SigLIP 2's towers from PATH (.npz or HF directory), the rest random
@@ -16,10 +18,14 @@ CAIP's features: "pooled" is `image_pooled` (conditioned on the instruction), "p
 `patch_features`. Frames are prepared exactly as the evaluation pipeline prepares a record
 (caip_jax.data.pipeline.Preprocess without augmentation, device_prep's scaling to [-1, 1]),
 instructions tokenised as in training.
+
+`identity(spec, ...)` describes an encoder exactly (spec, checkpoint step and commit time,
+config, the contents of its files): caip_jax.policy.cache keys every cache on it.
 """
 import dataclasses
 import json
 import os
+import shutil
 from typing import Protocol
 
 import flax.linen as nn
@@ -28,12 +34,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from caip_jax import device_prep, run_state, sharding
+from caip_jax import device_prep, run_state, sharding, storage
 from caip_jax.checkpoint import Checkpoints
 from caip_jax.data import pipeline
+from caip_jax.policy import cache as caches
 
 KINDS = ("pooled", "patches")
-SPECS = "state, random, siglip2:PATH, hf:PATH, or the path of a CAIP workdir or CAIP export"
+SPECS = "state, blind, random, siglip2:PATH, hf:PATH, or the path of a CAIP workdir or CAIP export"
 
 
 class FrozenEncoder(Protocol):
@@ -57,6 +64,19 @@ class StateOracle:
         if env_states is None:
             raise ValueError("the state encoder needs the simulator state (observation.environment_state)")
         return np.asarray(env_states, np.float32)[:, None]
+
+
+@dataclasses.dataclass
+class BlindEncoder:
+    """One constant token [B, 1, 1] of zeros: the policy sees the instruction and the robot's
+    proprioception only (what a policy without vision achieves)."""
+
+    name: str = "blind"
+    needs_images: bool = False
+
+    def encode(self, images, texts, env_states):
+        batch = len(texts) if texts is not None else len(images if images is not None else env_states)
+        return np.zeros((batch, 1, 1), np.float32)
 
 
 class CaipEncoder:
@@ -132,11 +152,11 @@ def _is_caip_export(path: str) -> bool:
         return json.load(f).get("model_type") == "caip"
 
 
-def _restore(workdir: str) -> tuple[ml_collections.ConfigDict, run_state.Setup, dict]:
-    """The config, setup and parameters (only) of a CAIP workdir's latest checkpoint, onto the
-    devices present."""
+def _restore(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, run_state.Setup, dict]:
+    """The config, setup and parameters (only) of a CAIP workdir's checkpoint `step` (default:
+    the latest), onto the devices present."""
     checkpoints = Checkpoints(workdir, asynchronous=False)
-    step = checkpoints.latest_step()
+    step = checkpoints.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir} holds no checkpoint: train it first or give another encoder")
     config = _mesh(checkpoints.restore_config(step))
@@ -150,19 +170,25 @@ def _basename(path: str) -> str:
     return os.path.basename(os.path.normpath(path))
 
 
-def caip_from_workdir(workdir: str, kind: str) -> CaipEncoder:
-    """The latest checkpoint of a CAIP workdir, with the run's tokenizer."""
-    config, run, params = _restore(workdir)
+def caip_from_workdir(workdir: str, kind: str, step: int | None = None) -> CaipEncoder:
+    """Checkpoint `step` (default: the latest) of a CAIP workdir, with the run's tokenizer."""
+    config, run, params = _restore(workdir, step)
     return CaipEncoder(f"caip:{_basename(workdir)}", config, params, run, kind)
 
 
 def caip_from_export(export: str, kind: str, cache: str) -> CaipEncoder:
     """A CAIP PyTorch export, brought back into JAX once (caip-import-torch's conversion into
-    the workdir `cache`, reused after), with the export's own tokenizer."""
+    the local workdir `cache`, reused after: name it by the export's identity), with the
+    export's own tokenizer. The import is made beside `cache` and renamed into place when
+    finished, so an import cut short is made again rather than read."""
     from caip_jax.export import hf_dir
 
-    if Checkpoints(cache, asynchronous=False).latest_step() is None:
-        hf_dir.import_torch(export, cache)
+    if not os.path.isdir(os.path.join(cache, "checkpoints")):
+        partial = f"{cache}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        hf_dir.import_torch(export, partial)
+        shutil.rmtree(cache, ignore_errors=True)  # an earlier import cut short
+        os.replace(partial, cache)
     config, run, params = _restore(cache)
     config.data.tokenizer = os.path.join(export, "tokenizer.model")
     return CaipEncoder(f"caip:{_basename(export)}", config, params, run, kind)
@@ -173,7 +199,7 @@ def caip_initialised(config: ml_collections.ConfigDict, kind: str, siglip2: str 
     config = _mesh(config)
     run = run_state.setup(config)
     params = run_state.initial_params(run, seed, siglip2)
-    return CaipEncoder("siglip2" if siglip2 else "random", config, params, run, kind)
+    return CaipEncoder(f"siglip2:{_basename(siglip2)}" if siglip2 else "random", config, params, run, kind)
 
 
 def caip_config(path: str) -> ml_collections.ConfigDict:
@@ -197,7 +223,7 @@ def is_caip_path(spec: str) -> bool:
 
 def check_spec(spec: str) -> None:
     """Refuses, in one line naming it and the valid forms, a spec that names no encoder."""
-    if spec in ("state", "random") or spec.startswith(("siglip2:", "hf:")):
+    if spec in ("state", "blind", "random") or spec.startswith(("siglip2:", "hf:")):
         if spec.startswith("hf:") and not os.path.isfile(os.path.join(spec[3:], "config.json")):
             raise ValueError(f"encoder {spec!r}: {spec[3:]!r} is not a Hugging Face model directory (no config.json)")
         return
@@ -208,12 +234,82 @@ def check_spec(spec: str) -> None:
                      f"valid: {SPECS}")
 
 
-def load(spec: str, kind: str, reference: ml_collections.ConfigDict | None, cache: str, seed: int = 0) -> FrozenEncoder:
+def display_name(spec: str) -> str:
+    """The readable name of `spec`'s encoder in tables (before telling equal names apart)."""
+    if spec in ("state", "blind", "random"):
+        return spec
+    for prefix in ("siglip2:", "hf:"):
+        if spec.startswith(prefix):
+            return prefix + _basename(spec[len(prefix):])
+    return f"caip:{_basename(spec)}"
+
+
+def spec_path(spec: str) -> str | None:
+    """The file or directory `spec` reads from, if any."""
+    if spec in ("state", "blind", "random"):
+        return None
+    return spec.split(":", 1)[1] if spec.startswith(("siglip2:", "hf:")) else spec
+
+
+def _config_identity(config: ml_collections.ConfigDict) -> dict:
+    """A CAIP config as plain JSON, with the content of its tokenizer (read by path)."""
+    plain = json.loads(caches.canonical(config.to_dict()))
+    tokenizer = config.data.get("tokenizer", "") if "data" in config else ""
+    if tokenizer and not storage.is_remote(tokenizer) and os.path.exists(tokenizer):
+        plain["tokenizer_sha256"] = caches.tree_digest(tokenizer)
+    return plain
+
+
+def _checkpoint_identity(workdir: str) -> dict:
+    """A CAIP workdir's latest step, its commit time and its config."""
+    checkpoints = Checkpoints(workdir, asynchronous=False)
+    step = checkpoints.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir} holds no checkpoint: train it first or give another encoder")
+    config = checkpoints.restore_config(step)
+    checkpoints.close()
+    try:
+        committed = storage.read_json(storage.join(workdir, "checkpoints", str(step), "_CHECKPOINT_METADATA")).get(
+            "commit_timestamp_nsecs")
+    except (OSError, ValueError):
+        committed = None
+    return dict(step=int(step), committed_ns=committed, config=_config_identity(config))
+
+
+def identity(spec: str, kind: str, reference: ml_collections.ConfigDict | None, seed: int = 0) -> dict:
+    """What the features of `spec`'s encoder depend on, exactly: the kind of spec, its absolute
+    path, the contents of the files it is read from (an export, a Hugging Face directory,
+    SigLIP 2 weights), a workdir's checkpoint step and commit time, the CAIP config (with its
+    tokenizer's content) of the random and SigLIP 2 baselines and their init seed, and which
+    features (`kind`). Equal identities give equal features."""
+    if spec in ("state", "blind"):
+        return dict(encoder=spec)
+    out = dict(kind=kind)
+    if spec == "random" or spec.startswith("siglip2:"):
+        out.update(encoder="random" if spec == "random" else "siglip2", seed=int(seed),
+                   reference=None if reference is None else _config_identity(reference))
+        if spec != "random":
+            path = spec.removeprefix("siglip2:")
+            out.update(path=os.path.abspath(path), sha256=caches.tree_digest(path))
+        return out
+    if spec.startswith("hf:"):
+        path = spec[3:]
+        return dict(out, encoder="hf", path=os.path.abspath(path), sha256=caches.tree_digest(path))
+    if _is_caip_export(spec):
+        return dict(out, encoder="caip_export", path=os.path.abspath(spec), sha256=caches.tree_digest(spec))
+    return dict(out, encoder="caip_workdir", path=os.path.abspath(spec), **_checkpoint_identity(spec))
+
+
+def load(spec: str, kind: str, reference: ml_collections.ConfigDict | None, cache: str, seed: int = 0,
+         step: int | None = None) -> FrozenEncoder:
     """The encoder of `spec` (see the module docstring). `reference`: the CAIP run config of
-    the `random` and `siglip2:` baselines; `cache`: a directory this encoder may keep files in."""
+    the `random` and `siglip2:` baselines; `cache`: a directory this encoder may keep files in;
+    `step`: a CAIP workdir's checkpoint (default: the latest)."""
     check_spec(spec)
     if spec == "state":
         return StateOracle()
+    if spec == "blind":
+        return BlindEncoder()
     if spec.startswith("hf:"):
         path = spec[3:]
         return HFVisionEncoder(f"hf:{_basename(path)}", path, kind)
@@ -224,4 +320,4 @@ def load(spec: str, kind: str, reference: ml_collections.ConfigDict | None, cach
         return caip_initialised(reference, kind, siglip2=spec.removeprefix("siglip2:") if spec != "random" else "", seed=seed)
     if _is_caip_export(spec):
         return caip_from_export(spec, kind, cache)
-    return caip_from_workdir(spec, kind)
+    return caip_from_workdir(spec, kind, step)

@@ -57,6 +57,16 @@ def tasks(suite: str) -> list[str]:
     return _suite(suite).tasks()
 
 
+def default_tasks(suite: str) -> list[str]:
+    """The tasks `suite` is judged on by default (those that tell encoders apart, and controls)."""
+    return list(_suite(suite).DEFAULT_TASKS)
+
+
+def controls(suite: str) -> dict[str, str]:
+    """Tasks of `suite` that do not tell encoders apart -> why (reported, not pooled)."""
+    return dict(getattr(_suite(suite), "CONTROLS", {}))
+
+
 def make(suite: str, task: str, image_size: int | None = 128, camera: str | None = None,
          max_steps: int | None = None) -> Environment:
     """The environment of `task` in `suite`; image_size None: no rendering (state-only)."""

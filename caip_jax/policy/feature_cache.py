@@ -1,12 +1,12 @@
 """Frozen features of every demonstration frame, computed once per encoder and dataset and kept
 in an .npz (one array [n, N, D] per episode key): the encoder is frozen, so training never
-needs to run it again (benchmarks/policy.py measures what that saves)."""
-import logging
-import os
-
+needs to run it again (benchmarks/policy.py measures what that saves). The file stores the
+identity of what made it (caip_jax.policy.cache): it is read back only for exactly that
+encoder and those demonstrations, and written whole or not at all."""
 import numpy as np
 import tqdm
 
+from caip_jax.policy import cache
 from caip_jax.policy.demonstrations import Demonstration
 from caip_jax.policy.encoders import FrozenEncoder
 
@@ -27,16 +27,14 @@ def episode_features(encoder: FrozenEncoder, demo: Demonstration) -> np.ndarray:
     return np.concatenate(parts)[:n]
 
 
-def cached_features(encoder: FrozenEncoder, demos: list[Demonstration], path: str) -> list[np.ndarray]:
-    """Per demonstration, its features: read from the .npz `path` if it holds every episode,
-    else computed (with a progress bar) and written there."""
+def cached_features(encoder: FrozenEncoder, demos: list[Demonstration], path: str, identity) -> list[np.ndarray]:
+    """Per demonstration, its features: read from the .npz `path` if it was written for
+    `identity` (the encoder's and the demonstrations') and holds every episode, else computed
+    (with a progress bar) and written there."""
     keys = [d.key for d in demos]
-    if os.path.exists(path):
-        with np.load(path) as stored:
-            if set(keys) <= set(stored.files):
-                return [stored[k] for k in keys]
-        logging.warning("%s lacks some of the episodes asked for: computing them again", path)
+    stored = cache.read_npz(path, identity)
+    if stored is not None and set(keys) <= set(stored):
+        return [stored[k] for k in keys]
     features = [episode_features(encoder, d) for d in tqdm.tqdm(demos, unit="episode", desc=f"features ({encoder.name})")]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    np.savez(path, **dict(zip(keys, features)))
+    cache.write_npz(path, identity, dict(zip(keys, features)))
     return features

@@ -127,7 +127,7 @@ class TrainedPolicy:
             return np.asarray(self._act(self.params, features, state, instruction, rng))
 
 
-def _fitted_config(config: ml_collections.ConfigDict, data: TrainingSet) -> ml_collections.ConfigDict:
+def fitted_config(config: ml_collections.ConfigDict, data: TrainingSet) -> ml_collections.ConfigDict:
     """`config` plus what the data fixes: input sizes, instructions and normalisation."""
     config = config.copy_and_resolve_references()
     with config.unlocked():  # a config from the command line is locked
@@ -177,7 +177,7 @@ def check_fits(stored: ml_collections.ConfigDict, config: ml_collections.ConfigD
             raise ValueError(f"the demonstrations' {name} is {have} but the policy in {where} takes {want}: "
                              "train it on demonstrations of the same robot and encoder, or use another workdir")
     plain = lambda c: json.loads(json.dumps(c.to_dict()))  # tuples and lists alike, as stored
-    asked, have = plain(_fitted_config(config, data)), plain(stored)
+    asked, have = plain(fitted_config(config, data)), plain(stored)
     differ = sorted(k for k in asked.keys() | have.keys() if asked.get(k) != have.get(k))
     if differ:
         other_data = " (other demonstrations or features)" if "data_hash" in differ else ""
@@ -197,7 +197,7 @@ def train(config: ml_collections.ConfigDict, data: TrainingSet, workdir: str,
         check_fits(checkpoints.restore_config(finished), config, data, workdir)
         checkpoints.close()
         return load(workdir, devices)
-    config = _fitted_config(config, data)
+    config = fitted_config(config, data)
     model, mesh, init_fn = _setup(config, devices)
     params, param_shardings = sharding.sharded_init(init_fn, key(config.seed), mesh)
     tx, _ = optim.make_optimizer(config.optim, config.total_steps)
