@@ -1,10 +1,73 @@
-"""Thin command-line entry points: flags in, library calls out."""
+"""Thin command-line entry points: flags in, library calls out.
+
+Importing this package (every tool does, before JAX starts) tells JAX its platforms on a host
+without a TPU, and `run_tool` ends a failed tool with one line naming the cause and the fix."""
+import glob
 import importlib.util
+import os
 import sys
 
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+
+def tpu_on_this_host() -> bool:
+    """A PCI device of Google's vendor id (0x1ae0): how JAX itself tells a TPU VM."""
+    for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(path) as f:
+                if f.read().strip() == "0x1ae0":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def choose_platforms() -> None:
+    """libtpu (the test extra installs it, for caip-compile) makes JAX probe for a TPU at every
+    start, and on a host without one it prints a screen of errors (host bounds, InitGoogle,
+    TPU_WORKER_HOSTNAMES). There, JAX is told the platforms it has: CUDA (with its plugin and a
+    driver) and the CPU. A JAX_PLATFORMS set by the user wins; caip-compile loads libtpu itself."""
+    if "JAX_PLATFORMS" in os.environ or tpu_on_this_host():
+        return
+    cuda = os.path.exists("/dev/nvidiactl") and any(
+        importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    os.environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
+    if "jax" in sys.modules:  # read at import: too late for the environment alone
+        sys.modules["jax"].config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+
+
+choose_platforms()
+flags.DEFINE_bool("traceback", False, "On an error, show Python's traceback, not only the one-line message.")
+# Errors whose messages this code writes to name the cause and the fix; any other is a bug or
+# an environment's fault, so its one line adds where to look.
+EXPECTED_ERRORS = (ValueError, RuntimeError, OSError)
+
+
+def one_line(error: BaseException) -> str:
+    """`error` as one line: its message's lines joined, its type where the message is not ours."""
+    text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    if not isinstance(error, EXPECTED_ERRORS):
+        text = f"{type(error).__name__}: {text} (a bug? run again with --traceback to see where)"
+    return text
+
+
+def run_tool(main, flags_parser=None) -> None:
+    """absl's app.run(main) for the tool of `main`'s module: an error ends the run with exit 1
+    and one line, `caip-TOOL: cause and fix`, unless --traceback or --verbosity asks for more."""
+    module = getattr(sys.modules[main.__module__].__spec__, "name", main.__module__).split(".")[-1]  # python -m: __main__
+    command = "caip-" + {"inspect_records": "inspect"}.get(module, module).replace("_", "-")
+
+    def main_one_line(argv):
+        try:
+            return main(argv)
+        except Exception as error:
+            if flags.FLAGS.traceback or flags.FLAGS["verbosity"].present:
+                raise
+            sys.exit(f"{command}: {one_line(error)}")
+
+    app.run(main_one_line, **({"flags_parser": flags_parser} if flags_parser else {}))
 
 
 def quiet_unless_asked() -> None:
@@ -12,6 +75,21 @@ def quiet_unless_asked() -> None:
     read and write at INFO, which would bury a tool's own output."""
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def check_storage(reads: dict[str, str] = None, writes: dict[str, str] = None) -> None:
+    """Before any work: each path of `reads` (flag -> path; empty ones skipped) must exist and each
+    of `writes` be writable, local or remote (caip_jax.storage.check_access); else exit 1 with one
+    line naming the flag, the path and the fix (storage.StorageError, through `run_tool`), within
+    seconds rather than after the work."""
+    from caip_jax import storage
+
+    for what, path in (reads or {}).items():
+        if path:
+            storage.check_access(path, what=what)
+    for what, path in (writes or {}).items():
+        if path:
+            storage.check_access(path, write=True, what=what)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

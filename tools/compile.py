@@ -9,10 +9,10 @@ whether it fits and what a step costs (memory per device, FLOPs, estimated step 
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from tools import parse_flags, quiet_unless_asked
+from tools import parse_flags, quiet_unless_asked, run_tool
 
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
 flags.DEFINE_string("topology", None, "A TPU topology (v5p:4x4x4, v4:4x4x4, v5e:16x16, v6e:8x8) or 'gpu'.")
@@ -49,7 +49,7 @@ def main(argv):
 
 def run():
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(main, flags_parser=parse_flags)
+    run_tool(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ evaluating it against its random init, and exporting it for PyTorch.
 """
 import os
 
-from absl import app, flags
+from absl import flags
 
-from tools import define_config_file_with_default, quiet_unless_asked
+from tools import define_config_file_with_default, quiet_unless_asked, run_tool
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 define_config_file_with_default(DEMO_CONFIG, "The demo config.", lock_config=True)
@@ -41,7 +41,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_tool(main)
 
 
 if __name__ == "__main__":

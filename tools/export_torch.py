@@ -3,9 +3,9 @@
 
   caip-export-torch --workdir /runs/l16 --out /exports/caip-vitl256 [--step N] [--dtype bfloat16]
 """
-from absl import app, flags
+from absl import flags
 
-from tools import quiet_unless_asked
+from tools import check_storage, quiet_unless_asked, run_tool
 
 flags.DEFINE_string("workdir", None, "The run directory holding checkpoints/.")
 flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
@@ -18,6 +18,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     quiet_unless_asked()
+    check_storage(reads={"--workdir": FLAGS.workdir, "--tokenizer": FLAGS.tokenizer}, writes={"--out": FLAGS.out})
     from caip_jax.export import hf_dir
 
     written = hf_dir.export(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.dtype, FLAGS.tokenizer)
@@ -27,7 +28,7 @@ def main(argv):
 
 def run():
     flags.mark_flags_as_required(["workdir", "out"])
-    app.run(main)
+    run_tool(main)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from tools import parse_flags, quiet_unless_asked
+from tools import check_storage, parse_flags, quiet_unless_asked, run_tool
 
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
 flags.DEFINE_string("hf", None, "A Hugging Face SigLIP 2 directory (config.json + safetensors).")
@@ -21,6 +21,7 @@ def main(argv):
     quiet_unless_asked()
     if bool(FLAGS.hf) == bool(FLAGS.npz):
         raise app.UsageError("give exactly one of --hf and --npz")
+    check_storage(reads={"--hf": FLAGS.hf, "--npz": FLAGS.npz}, writes={"--workdir": FLAGS.workdir})
     from caip_jax import train
 
     step = train.import_siglip2(FLAGS.config, FLAGS.hf or FLAGS.npz, FLAGS.workdir)
@@ -29,7 +30,7 @@ def main(argv):
 
 def run():
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=parse_flags)
+    run_tool(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@ of a CAIP run; `caip-train` with the same --workdir continues from it.
 
   caip-import-torch --hf /exports/caip-vitl256 --workdir /runs/l16-back [--config configs/caip_vitl16_256.py]
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from tools import parse_flags, quiet_unless_asked
+from tools import check_storage, parse_flags, quiet_unless_asked, run_tool
 
 flags.DEFINE_string("hf", None, "The Hugging Face directory caip-export-torch wrote.")
 flags.DEFINE_string("workdir", None, "The run directory to start.")
@@ -18,7 +18,12 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     quiet_unless_asked()
+    from caip_jax import storage
     from caip_jax.export import hf_dir
+
+    if storage.is_remote(FLAGS.hf):  # transformers and safetensors read local directories
+        raise ValueError(f"--hf={FLAGS.hf}: give a local copy of the directory (gcloud storage cp -r {FLAGS.hf} .)")
+    check_storage(reads={"--hf": FLAGS.hf}, writes={"--workdir": FLAGS.workdir})
 
     step = hf_dir.import_torch(FLAGS.hf, FLAGS.workdir, FLAGS.config)
     print(f"wrote step {step} of {FLAGS.workdir} from {FLAGS.hf}")
@@ -26,7 +31,7 @@ def main(argv):
 
 def run():
     flags.mark_flags_as_required(["hf", "workdir"])
-    app.run(main, flags_parser=parse_flags)
+    run_tool(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

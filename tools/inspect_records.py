@@ -5,11 +5,12 @@ with --dump, processed samples (no augmentation, actions unnormalised) in record
   caip-inspect /data/records/egodex --dump /tmp/samples.npz --num 32 --tokenizer /data/spm.model
 """
 import json
-import os
 
 from absl import app, flags
 
+from caip_jax import storage
 from caip_jax.data import inspect, pipeline
+from tools import check_storage, run_tool
 
 flags.DEFINE_string("sheet", None, "Contact sheet PNG (default: DIR/contact_sheet.png).")
 flags.DEFINE_integer("num", 16, "Frames on the sheet, or samples to dump.")
@@ -26,9 +27,10 @@ def main(argv):
     if len(argv) != 2:
         raise app.UsageError("usage: caip-inspect RECORDS_DIR [flags]")
     directory = argv[1]
+    sheet = FLAGS.sheet or storage.join(directory, "contact_sheet.png")
+    check_storage(reads={"RECORDS_DIR": directory}, writes={"--sheet": sheet, "--dump": FLAGS.dump})
     description = inspect.describe(directory, FLAGS.max_records)
     print(json.dumps({k: v for k, v in description.items() if k != "conversion"}, indent=1))
-    sheet = FLAGS.sheet or os.path.join(directory, "contact_sheet.png")
     inspect.contact_sheet(directory, sheet, FLAGS.num)
     print(f"contact sheet: {sheet}")
     if FLAGS.dump:
@@ -42,7 +44,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_tool(main)
 
 
 if __name__ == "__main__":

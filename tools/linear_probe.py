@@ -4,11 +4,9 @@ SigLIP 2 init with --siglip2). Writes report.json, report.md and r2_by_horizon.p
 
   caip-linear-probe --workdir /runs/l16 --train /data/probe_train --test /data/probe_test --out /runs/l16/probe
 """
-import os
+from absl import flags
 
-from absl import app, flags
-
-from tools import quiet_unless_asked
+from tools import check_storage, quiet_unless_asked, run_tool
 
 flags.DEFINE_string("workdir", None, "The run directory holding checkpoints/.")
 flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
@@ -25,7 +23,12 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     quiet_unless_asked()
+    from caip_jax import storage
     from caip_jax.evaluate import features, linear_probe
+
+    out = FLAGS.out or storage.join(FLAGS.workdir, "probe")
+    check_storage(reads={"--workdir": FLAGS.workdir, "--train": FLAGS.train, "--test": FLAGS.test, "--siglip2": FLAGS.siglip2},
+                  writes={"--out": out})
 
     trained = features.from_checkpoint(FLAGS.workdir, FLAGS.step)
     encoders = [trained]
@@ -34,7 +37,6 @@ def main(argv):
         if FLAGS.siglip2:
             encoders.append(features.initialised(trained.config, FLAGS.siglip2, seed=trained.config.seed))
     report = linear_probe.evaluate(encoders, FLAGS.train, FLAGS.test, FLAGS.batch_size, FLAGS.max_records)
-    out = FLAGS.out or os.path.join(FLAGS.workdir, "probe")
     linear_probe.write(report, out, f"{FLAGS.workdir} ({trained.name})")
     print(linear_probe.markdown(report))
     print(f"report: {out}/report.md, {out}/report.json, {out}/r2_by_horizon.png")
@@ -42,7 +44,7 @@ def main(argv):
 
 def run():
     flags.mark_flags_as_required(["workdir", "train", "test"])
-    app.run(main)
+    run_tool(main)
 
 
 if __name__ == "__main__":

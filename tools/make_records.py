@@ -17,6 +17,7 @@ import sys
 from absl import app, flags
 
 from caip_jax.data import convert
+from tools import check_storage, run_tool
 
 flags.DEFINE_enum("source", None, convert.SOURCES, "Layout of the input.")
 flags.DEFINE_string("input", "", "Input directory (unused by demo_world).")
@@ -45,6 +46,7 @@ def parse_option(text: str):
 
 
 def main(argv):
+    check_storage(reads={"--input": FLAGS.input}, writes={"--output": FLAGS.output})
     options = convert.ConvertOptions(
         horizon=FLAGS.horizon, stride=FLAGS.stride, jpeg_short_side=FLAGS.jpeg_short_side
     )
@@ -81,7 +83,7 @@ def main(argv):
 
 def run():
     flags.mark_flags_as_required(["source", "output"])
-    app.run(main)
+    run_tool(main)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@
 """
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from tools import parse_flags
+from tools import parse_flags, run_tool
 
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
 flags.DEFINE_bool("forward", False, "Also initialise the model and run one jitted forward pass.")
@@ -42,7 +42,7 @@ def main(argv):
 
 def run():
     flags.mark_flag_as_required("config")
-    app.run(main, flags_parser=parse_flags)
+    run_tool(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

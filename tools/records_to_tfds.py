@@ -4,7 +4,9 @@
   # then: tfds.data_source("caip_records", data_dir="/data/tfds", split="train")
   # or train on it: --config.data.train=/data/tfds/caip_records/1.0.0
 """
-from absl import app, flags
+from absl import flags
+
+from tools import run_tool
 
 from caip_jax.data import tfds_builder
 
@@ -21,7 +23,7 @@ def main(argv):
 
 def run():
     flags.mark_flags_as_required(["records", "data_dir"])
-    app.run(main)
+    run_tool(main)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ resume), 1 an error.
 """
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from tools import parse_flags, quiet_unless_asked
+from tools import check_storage, parse_flags, quiet_unless_asked, run_tool
 
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config go here.")
@@ -35,9 +35,19 @@ def initialize_distributed():
         jax.distributed.initialize()
 
 
+def check_paths(config) -> None:
+    """Every path the run reads or writes, before the run (and the other processes) start."""
+    from caip_jax.data import pipeline
+
+    reads = {f"--config.data.train ({s.name})": s.path for s in pipeline.parse_sources(config.data.train)}
+    reads.update({"--config.data.tokenizer": config.data.tokenizer, "--config.init.siglip2": config.init.siglip2})
+    check_storage(reads=reads, writes={"--workdir": FLAGS.workdir})
+
+
 def main(argv):
     del argv
     quiet_unless_asked()
+    check_paths(FLAGS.config)
     initialize_distributed()
     from caip_jax import train
 
@@ -50,7 +60,7 @@ def main(argv):
 
 def run():
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=parse_flags)
+    run_tool(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
