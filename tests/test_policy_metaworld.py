@@ -67,6 +67,25 @@ def test_demonstrations_written_then_read_are_the_experts(tmp_path):
         demonstrations.generate(env, str(tmp_path), 3, seed=5, description=describe(64))
 
 
+def test_demonstrations_cut_short_are_made_again_not_read(tmp_path):
+    """A dataset without its generation record (a run killed while writing it, in place as
+    before) is made again whole; the new one is written beside and renamed, leaving nothing."""
+    root = tmp_path / "demos"
+    (root / "meta").mkdir(parents=True)
+    (root / "meta" / "info.json").write_text('{"codebase_version": "v2.1", "total_episodes": 1')  # cut short
+    env = environment.make("metaworld", TASK, image_size=None, max_steps=150)
+    stored = demonstrations.generate(env, str(root), 1, seed=0, description=describe(None))
+    env.close()
+    assert stored["request"]["count"] == 1
+    read = demonstrations.read(str(root), env_state_key=ENV_STATE)
+    assert len(read) == 1 and len(read[0].action) > 10
+    assert sorted(os.listdir(tmp_path)) == ["demos"]  # no partial directory left beside it
+    (root / "notes.txt").write_text("mine")
+    os.remove(root / demonstrations.GENERATION)
+    with pytest.raises(ValueError, match="holds other files than a LeRobot dataset"):
+        demonstrations.generate(env, str(root), 1, seed=0, description=describe(None))
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[train.TrainedPolicy, str]:
     root = str(tmp_path_factory.mktemp("quick"))
