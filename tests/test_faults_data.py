@@ -172,9 +172,9 @@ def test_evaluation_leaves_out_a_record_that_fails_its_hash_and_keeps_every_othe
         np.testing.assert_array_equal(damaged["labels"][label], values[kept], err_msg=label)
 
 
-def test_every_record_of_a_bad_chunk_fails_and_each_is_counted(record_set, tmp_path, caplog):
-    """A shard written 4 records a chunk (not ours, but valid ArrayRecord): one flipped byte
-    costs the 4 records of its chunk, and each is skipped and counted on its own."""
+def grouped_set_with_a_bad_chunk(record_set, tmp_path) -> str:
+    """A record set of the first shard rewritten 4 records a chunk (valid ArrayRecord, not ours)
+    with one byte flipped inside record 5: chunk 1, records 4 to 7, fails its hash."""
     originals = records.read_shard(os.path.join(record_set[0], SHARDS[0]))
     directory = str(tmp_path / "grouped")
     os.makedirs(directory)
@@ -183,12 +183,20 @@ def test_every_record_of_a_bad_chunk_fails_and_each_is_counted(record_set, tmp_p
     for record in originals:
         writer.write(record)
     writer.close()
-    flip_byte_inside(path, originals[5])  # chunk 1: records 4 to 7
+    flip_byte_inside(path, originals[5])
+    return directory
+
+
+def test_every_record_of_a_bad_chunk_fails_and_each_is_counted(record_set, tmp_path, caplog):
+    """A shard written 4 records a chunk (not ours, but valid ArrayRecord): one flipped byte
+    costs the 4 records of its chunk, and each is skipped and counted on its own."""
+    directory = grouped_set_with_a_bad_chunk(record_set, tmp_path)
     with caplog.at_level(logging.ERROR):
         samples = list(pipeline.eval_samples(directory, make_preprocess(record_set, with_metadata=True)))
     assert [int(s["skipped"]) for s in samples] == [0] * 4 + [1] * 4 + [0]
     for position in range(4, 8):
         assert f"records-00000-of-00001.array_record record {position} " in caplog.text
+    originals = records.read_shard(os.path.join(record_set[0], SHARDS[0]))
     stand_in = records.decode(originals[8])  # the next readable record of the stream
     assert all(s["frame_index"] == stand_in["frame_index"] and s["episode_id"] == stand_in["episode_id"]
                for s in samples[4:9])

@@ -8,11 +8,10 @@ import urllib.parse
 import urllib.request
 
 import numpy as np
-from array_record.python import array_record_module
 from grain._src.python.dataset.transformations.batch import BatchMapDataset
 
 from caip_jax.data import pipeline, records
-from test_faults_data import SHARDS, copy_set, flip_byte_inside
+from test_faults_data import SHARDS, copy_set, flip_byte_inside, grouped_set_with_a_bad_chunk
 from test_pipeline import make_preprocess
 
 LATENCY = 0.25  # seconds the proxy adds to every request
@@ -108,15 +107,7 @@ def test_batches_read_at_once_are_those_of_the_per_record_path_bad_records_inclu
 def test_a_bad_chunk_of_several_records_costs_each_of_them_in_a_batched_read(record_set, tmp_path):
     """A shard written 4 records a chunk (valid ArrayRecord, not ours): one flipped byte fails
     records 4 to 7; a batched read of the whole set gives what reading one by one gives."""
-    originals = records.read_shard(os.path.join(record_set[0], SHARDS[0]))
-    directory = str(tmp_path / "grouped")
-    os.makedirs(directory)
-    path = os.path.join(directory, "records-00000-of-00001.array_record")
-    writer = array_record_module.ArrayRecordWriter(path, "group_size:4,uncompressed")
-    for record in originals:
-        writer.write(record)
-    writer.close()
-    flip_byte_inside(path, originals[5])
+    directory = grouped_set_with_a_bad_chunk(record_set, tmp_path)
     samples = pipeline.eval_samples(directory, make_preprocess(record_set, with_metadata=True))
     at_once = samples._getitems(range(9))  # noqa: SLF001: what grain's batch calls
     assert [int(s["skipped"]) for s in at_once] == [0] * 4 + [1] * 4 + [0]
