@@ -4,9 +4,10 @@ alike through this one module, which every file the project reads or writes goes
 Object storage differs from a disk in ways that decide the shape of the code:
 - An object is written whole or not at all, and cannot be appended to: `write_bytes` is atomic
   on both (a local file is written beside and renamed), and a growing file (`metrics.jsonl`) is
-  kept locally and uploaded whole (`MirroredFile`).
+  kept locally and uploaded whole (`GrowingFile`).
 - Some writers only write local files (array_record's, safetensors'): they write into
-  `staged_directory`, which uploads the files whole when the block ends.
+  `staged_directory`, which uploads the files whole when the block ends; readers of local files
+  only (numpy's npz, transformers) read a `local_copy`.
 - There are no folders: nothing is made before a write, and a "directory" is a name prefix.
 - A request can fail for a while and then succeed. The clients retry those themselves (gcsfs six
   times with backoff, about 30 s; tensorstore likewise); `is_transient` tells such a failure from
@@ -50,8 +51,8 @@ def is_remote(path: str) -> bool:
 
 
 def join(path: str, *names: str) -> str:
-    """`path`/name/... as a string, keeping a URL's scheme (os.path.join would, but
-    pathlib-style joins of 'gs://b' turn it into 'gs:/b')."""
+    """`path`/name/... as a string: '/'-joined for a URL (a pathlib join would turn 'gs://b' into
+    'gs:/b'), os.path.join for a local path."""
     return "/".join([str(path).rstrip("/"), *names]) if is_remote(path) else os.path.join(path, *names)
 
 
@@ -187,6 +188,23 @@ class GrowingFile:
         if self._scratch:
             self.upload()
             shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+    """A local path holding `path`'s file or directory, for readers of local files only (numpy's
+    npz, safetensors, transformers' configs): `path` itself if it is local, else a temporary
+    download of it, removed when the block ends."""
+    if not is_remote(path):
+        yield path
+        return
+    scratch = tempfile.mkdtemp(prefix="caip-download-")
+    try:
+        local = os.path.join(scratch, os.path.basename(str(path).rstrip("/")))
+        _filesystem(path).get(str(path).rstrip("/"), local, recursive=True)
+        yield local
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def move(source: str, target: str) -> None:

@@ -105,8 +105,8 @@ def test_a_run_on_the_bucket_preempted_and_killed_ends_equal_to_the_local_run(ru
     no_local_gs_folder(cwd, os.getcwd())
 
 
-def test_export_from_the_bucket_to_the_bucket_equals_the_local_export(runs, tmp_path):
-    _, _, local_workdir, _, workdir, cwd = runs
+def test_export_from_the_bucket_to_the_bucket_equals_the_local_export_and_imports_back(runs, tmp_path):
+    _, _, local_workdir, remote, workdir, cwd = runs
     hf_dir.export(local_workdir, str(tmp_path / "local"))
     finished(launch(["--workdir", workdir, "--out", f"{workdir}/hf"], devices=1, program=("-m", "tools.export_torch"), cwd=cwd))
     for name in sorted(os.listdir(tmp_path / "local")):
@@ -116,6 +116,12 @@ def test_export_from_the_bucket_to_the_bucket_equals_the_local_export(runs, tmp_
             for config in (got, want):
                 del config["data"]["train"], config["data"]["tokenizer"], config["compilation_cache"]
         assert got == want, name
+    # ...and back: caip-import-torch from the bucket into the bucket gives the trained parameters.
+    hf_dir.import_torch(f"{workdir}/hf", f"{workdir}-back")
+    (_, trained), (step, imported) = final_params(remote, workdir), final_params(remote, f"{workdir}-back")
+    assert step == 0
+    jax.tree.map(np.testing.assert_array_equal, imported, trained)
+    assert Checkpoints(f"{workdir}-back").restore_json(0, "progress")["imported_from"] == f"{workdir}/hf"
     no_local_gs_folder(cwd)
 
 
@@ -183,15 +189,22 @@ def test_a_typo_in_the_bucket_is_one_line_naming_the_flag(flag, record_set, buck
     no_local_gs_folder(str(tmp_path))
 
 
-def test_no_credentials_is_one_line_naming_the_fix_within_seconds(gcs, tmp_path):
+@pytest.mark.parametrize("tool", ["make_records", "train"])
+def test_no_credentials_is_one_line_naming_the_fix_within_seconds(tool, record_set, gcs, tmp_path):
     """No emulator, no key file, no gcloud login, the metadata server closed: the credential search
-    ends at once, and the tool says how to log in (array_record's reader would retry ~16 minutes)."""
+    ends at once, and the tool says how to log in. Writing records, and reading them for training
+    (array_record's reader alone would retry for about 16 minutes)."""
     emulator = set(gcs.environment())
     env = {k: v for k, v in os.environ.items() if k not in emulator and k != "GOOGLE_APPLICATION_CREDENTIALS"}
     env.update(GCE_METADATA_HOST=CLOSED_PORT, GCE_METADATA_IP=CLOSED_PORT, CLOUDSDK_CONFIG=str(tmp_path / "gcloud"))
-    line = one_line_error(launch(["--source", "demo_world", "--output", "gs://some-bucket/records"], devices=1,
-                                 program=("-m", "tools.make_records"), cwd=str(tmp_path), env=env), within=60)
-    assert "--output=gs://some-bucket/records" in line and "no Google Cloud credentials" in line
+    if tool == "make_records":
+        args, flag = ["--source", "demo_world", "--output", "gs://some-bucket/records"], "--output"
+    else:
+        args = [f"--config={tiny_run_config.__file__}", "--config.data.train=gs://some-bucket/records",
+                f"--config.data.tokenizer={record_set[1]}", f"--workdir={tmp_path / 'run'}"]
+        flag = "--config.data.train (train)"
+    line = one_line_error(launch(args, devices=1, program=("-m", f"tools.{tool}"), cwd=str(tmp_path), env=env), within=60)
+    assert f"{flag}=gs://some-bucket/records" in line and "no Google Cloud credentials" in line
     assert "gcloud auth application-default login" in line and "GOOGLE_APPLICATION_CREDENTIALS" in line
 
 

@@ -32,6 +32,16 @@ def test_files_round_trip_through_the_bucket_and_nothing_is_written_locally(buck
     assert os.listdir(tmp_path) == []
 
 
+def test_a_local_copy_of_a_remote_file_or_directory_is_gone_after_use(bucket):
+    storage.write_bytes(f"{bucket}/dir/a.bin", b"a")
+    storage.write_bytes(f"{bucket}/dir/sub/b.bin", b"b")
+    with storage.local_copy(f"{bucket}/dir") as local:
+        assert open(os.path.join(local, "sub", "b.bin"), "rb").read() == b"b"
+    assert not os.path.exists(local)
+    with storage.local_copy(f"{bucket}/dir/a.bin") as local:
+        assert open(local, "rb").read() == b"a"
+
+
 def test_a_staged_directory_is_uploaded_whole_and_not_at_all_after_an_error(bucket):
     with storage.staged_directory(f"{bucket}/set", last=("summary.json",)) as local:
         for name in ("summary.json", "records-0.bin", "sub/x.bin"):

@@ -20,8 +20,11 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     quiet_unless_asked()
-    from caip_jax import demo
+    from caip_jax import demo, storage
 
+    if storage.is_remote(FLAGS.workdir):  # the demo world is made here: sentencepiece and renders write local files
+        raise ValueError(f"--workdir={FLAGS.workdir}: the demo runs on a local directory; the pod workflow "
+                         "(README, 'Using it on real data') takes gs:// paths")
     result = demo.run(FLAGS.config, FLAGS.workdir, FLAGS.num_episodes, FLAGS.test_episodes)
     logged, report = result["metrics"], result["report"]
     first, last = logged[0], logged[-1]

@@ -18,13 +18,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     quiet_unless_asked()
-    from caip_jax import storage
     from caip_jax.export import hf_dir
 
-    if storage.is_remote(FLAGS.hf):  # transformers and safetensors read local directories
-        raise ValueError(f"--hf={FLAGS.hf}: give a local copy of the directory (gcloud storage cp -r {FLAGS.hf} .)")
     check_storage(reads={"--hf": FLAGS.hf}, writes={"--workdir": FLAGS.workdir})
-
     step = hf_dir.import_torch(FLAGS.hf, FLAGS.workdir, FLAGS.config)
     print(f"wrote step {step} of {FLAGS.workdir} from {FLAGS.hf}")
 

@@ -175,7 +175,12 @@ def import_torch(hf_dir: str, workdir: str, run: ml_collections.ConfigDict | Non
     sizes always come from config.json, and its model.scan chooses the parameter layout (so an
     export and an import with the other model.scan convert a run between the layouts). Every
     tensor must fit, named otherwise. bfloat16 weights become float32 (CAIP's parameters are
-    float32)."""
+    float32). A remote `hf_dir` is downloaded first (transformers and safetensors read local files)."""
+    with storage.local_copy(hf_dir) as local:
+        return _import_torch(local, workdir, run, source=hf_dir)
+
+
+def _import_torch(hf_dir: str, workdir: str, run: ml_collections.ConfigDict | None, source: str) -> int:
     if run is None:
         path = os.path.join(hf_dir, RUN_CONFIG)
         run = caip_config.base_config()
@@ -193,7 +198,7 @@ def import_torch(hf_dir: str, workdir: str, run: ml_collections.ConfigDict | Non
         for name in f.keys():
             flat.update(torch_names.to_caip({name: f.get_tensor(name).float().numpy()}, heads))
     params = replace_towers(abstract_params(run.model), flat, towers=PARTS, source=f"{hf_dir}/model.safetensors")
-    checkpoints.save_import(params, run, hf_dir)
+    checkpoints.save_import(params, run, source)
     checkpoints.close()
     train.save_config(run, workdir)
     return 0

@@ -28,7 +28,7 @@ import scipy.ndimage
 import transformers
 from flax import traverse_util
 
-from caip_jax import torch_names
+from caip_jax import storage, torch_names
 from caip_jax.models import layout
 
 
@@ -161,11 +161,13 @@ def load_hf(directory: str) -> dict[str, np.ndarray]:
 
 
 def load_siglip2(path: str) -> dict[str, np.ndarray]:
-    """Flat CAIP parameters from a big_vision `.npz` file or a Hugging Face directory."""
-    if os.path.isfile(path) and path.endswith(".npz"):
-        return load_npz(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return load_hf(path)
+    """Flat CAIP parameters from a big_vision `.npz` file or a Hugging Face directory, local or
+    remote (downloaded first: numpy and safetensors read local files)."""
+    with storage.local_copy(path) as local:
+        if os.path.isfile(local) and local.endswith(".npz"):
+            return load_npz(local)
+        if os.path.isfile(os.path.join(local, "config.json")):
+            return load_hf(local)
     raise ValueError(
         f"{path!r} is neither a big_vision .npz file nor a Hugging Face directory holding "
         "config.json and model.safetensors: pass one of those"
