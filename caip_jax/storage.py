@@ -266,9 +266,8 @@ def retry(function, what: str, attempts: int = 4):
 def check_access(path: str, write: bool = False, what: str = "") -> None:
     """Stops at once, with a StorageError naming `path` (`what`: the flag that gave it) and the
     fix, if `path` cannot be used: for a remote path, no credentials, a bucket that does not
-    exist, and with `write`, no permission to write there (a probe object is written and
-    deleted). Reading: `path` must exist. Local paths: reading needs the path, writing a parent
-    directory that can be made and written."""
+    exist, no permission; to read, `path` must exist; to write, a probe object is written there
+    and deleted. A local path to read must exist, one to write lie under a writable directory."""
     label = f"{what}={path}" if what else path
     if not is_remote(path):
         if not write and not os.path.exists(path):
@@ -284,24 +283,27 @@ def check_access(path: str, write: bool = False, what: str = "") -> None:
     if scheme in ("gs", "gcs"):
         _check_gcs_credentials(label)
     fs = _filesystem(path)
+    no_bucket = StorageError(f"{label}: the bucket {scheme}://{bucket} does not exist (a typo?): check the name, or "
+                             f"create it (gcloud storage buckets create {scheme}://{bucket})")
+    # Objects are tried, never the bucket's metadata, which an account allowed to use the objects
+    # (roles/storage.objectUser) may not read.
     try:
-        bucket_found = fs.exists(f"{scheme}://{bucket}")
-    except Exception as error:  # noqa: BLE001 -- any failure here means the job cannot start
-        raise StorageError(f"{label}: the bucket {scheme}://{bucket} cannot be reached ({_first_line(error)}): "
-                           f"{_credentials_fix(scheme)}") from error
-    if not bucket_found:
-        raise StorageError(f"{label}: the bucket {scheme}://{bucket} does not exist (a typo?): check the name, or "
-                           f"create it (gcloud storage buckets create {scheme}://{bucket})")
-    if write:
-        probe = join(path, f".caip-write-check-{uuid.uuid4().hex[:12]}")
-        try:
+        if write:
+            probe = join(path, f".caip-write-check-{uuid.uuid4().hex[:12]}")
             fs.pipe_file(probe, b"")
             fs.rm_file(probe)
-        except Exception as error:  # noqa: BLE001
+            return
+        if fs.exists(str(path).rstrip("/")):
+            return
+    except FileNotFoundError as error:  # an upload into a bucket that is not there
+        raise no_bucket from error
+    except Exception as error:  # noqa: BLE001 -- any failure here means the job cannot start
+        if write:
             raise StorageError(f"{label} cannot be written ({_first_line(error)}): the account needs permission to "
                                f"create and delete objects there (roles/storage.objectUser on {scheme}://{bucket})") from error
-    elif not fs.exists(str(path).rstrip("/")):
-        raise StorageError(f"{label} does not exist")
+        raise StorageError(f"{label} cannot be read ({_first_line(error)}): {_credentials_fix(scheme)}, with "
+                           f"permission to read objects there (roles/storage.objectViewer on {scheme}://{bucket})") from error
+    raise no_bucket if not fs.exists(f"{scheme}://{bucket}") else StorageError(f"{label} does not exist")
 
 
 def _check_gcs_credentials(label: str) -> None:
