@@ -43,8 +43,9 @@ def main(argv):
     text = json.dumps(report, indent=2)
     print(text)
     if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            f.write(text + "\n")
+        from caip_jax import storage
+
+        storage.write_text(FLAGS.out, text + "\n")
 
 
 def run():
