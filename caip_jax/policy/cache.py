@@ -136,7 +136,7 @@ def distinct_names(names: list[str], paths: list[str | None]) -> list[str]:
         where = [i for i, n in enumerate(names) if n == name]
         if len(where) < 2:
             continue
-        parts = {i: os.path.normpath(os.path.abspath(paths[i])).split(os.sep) if paths[i] else [] for i in where}
+        parts = {i: _parts(paths[i]) for i in where}
         prefix = name.split(":", 1)[0] + ":" if ":" in name else ""
         for depth in range(2, 1 + max(len(p) for p in parts.values())):
             tails = {i: "/".join(parts[i][-depth:]) for i in where}
@@ -150,3 +150,12 @@ def distinct_names(names: list[str], paths: list[str | None]) -> list[str]:
         if seen[name] > 1:
             out[i] = f"{name}#{seen[name]}"
     return out
+
+
+def _parts(path: str | None) -> list[str]:
+    """The components of a local path (made absolute) or of a URL's path, [] for None."""
+    if not path:
+        return []
+    if storage.is_remote(path):
+        return [p for p in path.split("://", 1)[1].split("/") if p]
+    return os.path.normpath(os.path.abspath(path)).split(os.sep)

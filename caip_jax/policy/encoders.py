@@ -145,11 +145,10 @@ def _mesh(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _is_caip_export(path: str) -> bool:
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
+    config = storage.join(path, "config.json")
+    if not storage.exists(config):
         return False
-    with open(config) as f:
-        return json.load(f).get("model_type") == "caip"
+    return storage.read_json(config).get("model_type") == "caip"
 
 
 def _restore(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, run_state.Setup, dict]:
@@ -218,7 +217,8 @@ def caip_config(path: str) -> ml_collections.ConfigDict:
 
 
 def is_caip_path(spec: str) -> bool:
-    return os.path.isdir(os.path.join(spec, "checkpoints")) or _is_caip_export(spec)
+    """A CAIP workdir (holding checkpoints/) or export, local or on object storage."""
+    return storage.exists(storage.join(spec, "checkpoints")) or _is_caip_export(spec)
 
 
 def check_spec(spec: str) -> None:
@@ -276,6 +276,12 @@ def _checkpoint_identity(workdir: str) -> dict:
     return dict(step=int(step), committed_ns=committed, config=_config_identity(config))
 
 
+def _where(path: str) -> str:
+    """An absolute local path, or a URL as given (os.path.abspath would make gs://b/x a local
+    path named 'gs:')."""
+    return path if storage.is_remote(path) else os.path.abspath(path)
+
+
 def identity(spec: str, kind: str, reference: ml_collections.ConfigDict | None, seed: int = 0) -> dict:
     """What the features of `spec`'s encoder depend on, exactly: the kind of spec, its absolute
     path, the contents of the files it is read from (an export, a Hugging Face directory,
@@ -290,14 +296,14 @@ def identity(spec: str, kind: str, reference: ml_collections.ConfigDict | None, 
                    reference=None if reference is None else _config_identity(reference))
         if spec != "random":
             path = spec.removeprefix("siglip2:")
-            out.update(path=os.path.abspath(path), sha256=caches.tree_digest(path))
+            out.update(path=_where(path), sha256=caches.tree_digest(path))
         return out
     if spec.startswith("hf:"):
         path = spec[3:]
-        return dict(out, encoder="hf", path=os.path.abspath(path), sha256=caches.tree_digest(path))
+        return dict(out, encoder="hf", path=_where(path), sha256=caches.tree_digest(path))
     if _is_caip_export(spec):
-        return dict(out, encoder="caip_export", path=os.path.abspath(spec), sha256=caches.tree_digest(spec))
-    return dict(out, encoder="caip_workdir", path=os.path.abspath(spec), **_checkpoint_identity(spec))
+        return dict(out, encoder="caip_export", path=_where(spec), sha256=caches.tree_digest(spec))
+    return dict(out, encoder="caip_workdir", path=_where(spec), **_checkpoint_identity(spec))
 
 
 def load(spec: str, kind: str, reference: ml_collections.ConfigDict | None, cache: str, seed: int = 0,
