@@ -70,24 +70,23 @@ def batch_ways(mesh: jax.sharding.Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def split_micro_batches(x: jax.Array, k: int, mesh: jax.sharding.Mesh) -> jax.Array:
-    """[B, ...] split over the n batch ways -> [k, B / k, ...], micro-batch i made of rows
-    [i m, (i + 1) m) of every device's B / n rows (m = B / (n k)) and split over the same ways:
-    each device keeps its own rows, so no data moves (a plain reshape to [k, B / k] would give
-    micro-batch i to devices i n / k .. only, an all-to-all)."""
-    n = batch_ways(mesh)
-    rest = x.shape[1:]
-    x = x.reshape(n, k, x.shape[0] // (n * k), *rest)
-    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
-    x = x.swapaxes(0, 1).reshape(k, -1, *rest)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
+def micro_batch(x: jax.Array, i: jax.Array, k: int, mesh: jax.sharding.Mesh) -> jax.Array:
+    """Micro-batch i of k of `x` [B, ...] (split over the n batch ways): rows [i m, (i + 1) m)
+    of every device's B / n rows (m = B / (n k)), [B / k, ...] split over the same ways. Each
+    device keeps its own rows, so no data moves (a reshape to [k, B / k] would give micro-batch i
+    to devices i n / k.. only: an all-to-all), and nothing is copied but the slice."""
+    n, rest = batch_ways(mesh), x.shape[1:]
+    x = jax.lax.with_sharding_constraint(x.reshape(n, k, x.shape[0] // (n * k), *rest), NamedSharding(mesh, P(BATCH_AXES)))
+    x = jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False).reshape(-1, *rest)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
 
 
 def merge_micro_batches(x: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
-    """The inverse of `split_micro_batches`: [k, B / k, ...] -> [B, ...] in the batch's order."""
+    """Micro-batches [k, B / k, ...] stacked by a scan -> [B, ...] in the batch's order (the
+    inverse of `micro_batch` over i = 0..k-1), with no data moved between devices."""
     n, (k, rows), rest = batch_ways(mesh), x.shape[:2], x.shape[2:]
-    x = x.reshape(k, n, rows // n, *rest).swapaxes(0, 1).reshape(k * rows, *rest)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
+    x = jax.lax.with_sharding_constraint(x.reshape(k, n, rows // n, *rest), NamedSharding(mesh, P(None, BATCH_AXES)))
+    return jax.lax.with_sharding_constraint(x.swapaxes(0, 1).reshape(k * rows, *rest), NamedSharding(mesh, P(BATCH_AXES)))
 
 
 def make_accumulated_value_and_grad(model: nn.Module, mesh, config: ml_collections.ConfigDict, mean, std) -> Callable:
@@ -106,23 +105,20 @@ def make_accumulated_value_and_grad(model: nn.Module, mesh, config: ml_collectio
     gradients (optax.MultiSteps) would train another objective; this costs one more forward."""
     k = config.optim.accum_steps
     contrastive, embed = contrastive_loss(config.loss, mesh), make_embed_fn(model, config, mean, std)
-    split = lambda tree: jax.tree.map(lambda x: split_micro_batches(x, k, mesh), tree)
+    pick = lambda tree, i: jax.tree.map(lambda x: micro_batch(x, i, k, mesh), tree)
 
     def value_and_grad(params, batch):
-        micro = split(batch)
         frozen = jax.lax.stop_gradient(params)
-        _, embeddings = jax.lax.scan(lambda _, b: (None, embed(frozen, b)), None, micro)
+        _, embeddings = jax.lax.scan(lambda _, i: (None, embed(frozen, pick(batch, i))), None, jnp.arange(k))
         z_image, z_action = (merge_micro_batches(z, mesh) for z in embeddings)
         value, pull, top1 = jax.vjp(contrastive, z_image, z_action, params["t"], params["b"], has_aux=True)
         dz_image, dz_action, dt, db = pull(jnp.ones_like(value))
 
-        def backward(total, inputs):
-            batch, cotangents = inputs
-            _, pull_params = jax.vjp(lambda p: embed(p, batch), params)
-            return jax.tree.map(jnp.add, total, pull_params(cotangents)[0]), None
+        def backward(total, i):
+            _, pull_params = jax.vjp(lambda p: embed(p, pick(batch, i)), params)
+            return jax.tree.map(jnp.add, total, pull_params(pick((dz_image, dz_action), i))[0]), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, _ = jax.lax.scan(backward, zeros, (micro, (split(dz_image), split(dz_action))))
+        grads, _ = jax.lax.scan(backward, jax.tree.map(jnp.zeros_like, params), jnp.arange(k))
         return (value, top1), dict(grads, t=grads["t"] + dt, b=grads["b"] + db)
 
     return value_and_grad
