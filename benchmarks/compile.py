@@ -1,7 +1,7 @@
 """Pod plans, and the compile of scanned against unscanned layers, by caip-compile (the step
 compiled ahead of time for TPU topologies by libtpu on this CPU host).
 
-  python benchmarks/compile.py [--parts scan,plans] [--max_hbm_fraction 0.8]
+  python benchmarks/compile.py [--parts scan,plans,accum] [--max_hbm_fraction 0.8]
 
 `scan`: L/16 at batch 16384 on v5p-128 (v5p:4x4x4) with `--scan_remat`, compiled unscanned,
 scanned, and at depth 2 both ways (what scanning cannot remove: one block's code per tower and
@@ -22,6 +22,14 @@ the mesh is fsdp over every chip (the least memory per device), or data x fsdp w
 smallest data that the parameter widths divide. A policy that did not fit for a model on a
 chip at some batch per device is not tried at a larger one.
 
+`accum` (L/16 and So400m/16 at batch 32768 on v5p-128, v5e-256, v6e-256): the fastest plan
+that uses gradient accumulation (`optim.accum_steps=k`, the exact large-batch gradient in k
+micro-batches, one more forward of the towers per step) against the best remat-only plan of
+`plans`, by the same estimate and the same HBM bound. Candidates go by estimated step time
+(dots < dots_no_batch < full, each plus the extra forward) and, at equal time, from k = 4 to 8
+(k does not change the estimate, and more micro-batches hold less): the first that fits is the
+fastest accumulation plan by the estimate. The estimate ignores what smaller matmuls lose.
+
 Every compile is its own caip-compile process (its host memory is its own); each result is
 written to benchmarks/results/compile.json as soon as it is known and reused by a later run.
 """
@@ -40,7 +48,10 @@ import results_io
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICIES = ("none", "dots", "dots_no_batch", "full")  # by estimated step time
 
-flags.DEFINE_list("parts", ["scan", "plans"], "What to measure: scan, plans.")
+flags.DEFINE_list("parts", ["scan", "plans", "accum"], "What to measure: scan, plans, accum.")
+flags.DEFINE_list("accum_topologies", ["v5p:4x4x4", "v5e:16x16", "v6e:16x16"], "Topologies of the accumulation plans.")
+flags.DEFINE_integer("accum_batch", 32768, "Global batch of the accumulation plans.")
+flags.DEFINE_float("min_available_gib", 14.0, "Host memory a compile waits for (an L/16 compile takes 12-15 GB).")
 flags.DEFINE_list("configs", ["configs/caip_vitl16_256.py", "configs/caip_so400m16_256.py"], "Configs to plan.")
 flags.DEFINE_list("batches", ["16384", "32768"], "Global batch sizes.")
 flags.DEFINE_list("topologies", ["v5p:4x4x4", "v5p:4x8x8", "v5e:16x16", "v6e:16x16"], "TPU topologies (v5p-128, v5p-512, v5e-256, v6e-256).")
@@ -89,6 +100,9 @@ def caip_compile(results: dict, config: str, topology: str, fresh: bool = False,
     key = " ".join([config, topology, *[f"{k}={v}" for k, v in sorted(overrides.items())]])
     if key in results["compiles"] and not fresh:
         return results["compiles"][key]
+    while available_gib() < FLAGS.min_available_gib:  # other work on the host: wait, do not swap or die
+        print(f"waiting for {FLAGS.min_available_gib} GiB of host memory ({available_gib():.1f} available)", flush=True)
+        time.sleep(30)
     out = FLAGS.out + ".tmp"
     command = [sys.executable, "-m", "tools.compile", "--config", config, "--topology", topology, "--out", out]
     command += [f"--config.{k}={v}" for k, v in overrides.items()]
@@ -171,6 +185,36 @@ def plan(results: dict, config: str, batch: int, topology: str, failed: set) -> 
     return dict(config=config, batch_size=batch, topology=topology, remat_policy=None, tried=tried)
 
 
+ACCUM_CANDIDATES = [(policy, k) for policy in ("dots", "dots_no_batch", "full") for k in (4, 8)]
+
+
+def accum_plan(results: dict, config: str, batch: int, topology: str) -> dict:
+    """The first accumulation candidate that fits (see the module docstring), on the mesh of the
+    remat-only plan of the same cell, next to that plan."""
+    remat_only = next((p for p in results.get("plans", []) if (p["config"], p["batch_size"], p["topology"]) == (config, batch, topology)), None)
+    mesh = remat_only["mesh"] if remat_only and remat_only.get("mesh") else {"data": 1, "fsdp": -1}
+    tried = []
+    for policy, k in ACCUM_CANDIDATES:
+        overrides = {"batch_size": batch, "model.scan": True, "model.remat_policy": policy, "optim.accum_steps": k,
+                     "mesh.data": mesh["data"], "mesh.fsdp": -1}
+        result = caip_compile(results, config, topology, **overrides)
+        tried.append(dict(remat_policy=policy, accum_steps=k, fits=fits(result),
+                          hbm_fraction=result.get("memory_per_device", {}).get("hbm_fraction")))
+        if fits(result):
+            best = dict(remat_policy=policy, accum_steps=k, mesh=result["mesh"], **summary(result),
+                        temp_bytes=result["memory_per_device"]["temp_bytes"],
+                        embedding_bytes=result["memory_per_device"]["embedding_bytes"])
+            break
+    else:
+        best = None
+    remat_keys = ("remat_policy", "estimated_step_seconds", "hbm_fraction", "mesh")
+    winner = None
+    if best and remat_only and remat_only.get("remat_policy"):
+        winner = "accumulation" if best["estimated_step_seconds"] < remat_only["estimated_step_seconds"] else "remat only"
+    return dict(config=config, batch_size=batch, topology=topology, accumulation=best, tried=tried, winner=winner,
+                remat_only={k: remat_only.get(k) for k in remat_keys} if remat_only else None)
+
+
 def summary(result: dict) -> dict:
     keys = ("estimated_step_seconds", "estimated_samples_per_second", "estimated_mfu", "compile_seconds",
             "compile_cpu_seconds", "host_peak_memory_bytes", "parameters", "model_flops_per_sample")
@@ -191,6 +235,14 @@ def main(argv):
         cells.sort(key=lambda cell: cell[1] // chips(cell[2]))  # smaller batches per chip first
         results["plans"] = [plan(results, *cell, failed) for cell in cells]
         save(results)
+    if "accum" in FLAGS.parts:
+        results.setdefault("accum_plans", [])
+        for config in FLAGS.configs:
+            for topology in FLAGS.accum_topologies:
+                cell = accum_plan(results, config, FLAGS.accum_batch, topology)
+                results["accum_plans"] = [p for p in results["accum_plans"]
+                                          if (p["config"], p["topology"], p["batch_size"]) != (config, topology, FLAGS.accum_batch)] + [cell]
+                save(results)
     print(json.dumps({k: v for k, v in results.items() if k != "compiles"}, indent=1))
 
 

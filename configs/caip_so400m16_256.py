@@ -5,6 +5,10 @@ blocks, remat "dots_no_batch", fsdp over all chips: 65% of HBM, an estimated 0.9
 50% of peak. On 256 chips fsdp cannot exceed 128 (the width 1152 does not divide by 256): use
 `config.mesh.data=2`; there v5p-512 takes `dots`, v6e-256 `dots_no_batch`, v5e-256 `full`
 (benchmarks/RESULTS.md, "Pod plans"); at batch 32768 on v5p-128, `full`.
+
+Exact accumulation (`optim.accum_steps=k`, the whole batch's gradient in k micro-batches) costs
+one more forward of the towers, 9% more than `full` remat by the estimate: the plan where `full`
+does not fit the batch wanted (a smaller slice, a GPU node), not in its place.
 """
 from caip_jax.config import base_config
 
