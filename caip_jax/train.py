@@ -1,5 +1,6 @@
 """The training loop: restore (or init, random or SigLIP 2), then per step the jitted sharded
-step, a log line, a checkpoint, and preemption. Every process of a multi-host run runs `train` with the same config.
+step, a log line, a checkpoint, and preemption. Every process of a multi-host run runs `train`
+with the same config.
 """
 import logging
 import signal
