@@ -127,12 +127,13 @@ def test_accumulation_holds_less_than_the_plain_step_at_the_same_batch():
     activations, not the compiler's fixed scratch (~19 MB here), make the temporary memory."""
     devices = aot.topology_devices(TOPOLOGY)
     config = tiny_run_config.get_config()  # data 2 x fsdp 2 over the 4 chips
-    k, b = 4, 4096
+    config.model.depth = config.model.action.depth = 1  # compile time: the blocks are alike
+    k, b = 2, 2048
 
     def temp(batch, accum):
         config.batch_size, config.optim.accum_steps = batch, accum
         return aot.compile_step(config, devices)["memory_per_device"]
 
     plain_large, accumulated, plain_micro = temp(k * b, 1), temp(k * b, k), temp(b, 1)
-    assert accumulated["temp_bytes"] < 0.5 * plain_large["temp_bytes"]  # measured: 589 MiB against 1838
-    assert accumulated["temp_bytes"] < 1.5 * plain_micro["temp_bytes"] + accumulated["embedding_bytes"]  # 432 + 1
+    assert accumulated["temp_bytes"] < 0.5 * plain_large["temp_bytes"]  # measured: 161 MiB against 413
+    assert accumulated["temp_bytes"] < 1.5 * plain_micro["temp_bytes"] + accumulated["embedding_bytes"]  # 141 + 0.25

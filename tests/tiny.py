@@ -1,23 +1,11 @@
-"""Tiny configurations and reference models built inside the tests (nothing is downloaded)."""
+"""Tiny reference models built inside the tests (nothing is downloaded), and the tiny config."""
 import numpy as np
 import torch
 import transformers
 
-from caip_jax import config as caip_config
-
-WIDTH, DEPTH, MLP_DIM, HEADS, PATCH, IMAGE_SIZE = 32, 2, 64, 4, 8, 32
-VOCAB, TEXT_LEN = 100, 16
-
-
-def tiny_model_config():
-    """A CAIP model config small enough for CPU tests, in float32."""
-    c = caip_config.model_config(f"mu/{PATCH}")
-    c.width, c.depth, c.mlp_dim, c.num_heads = WIDTH, DEPTH, MLP_DIM, HEADS
-    c.image_size = IMAGE_SIZE
-    c.text.vocab_size, c.text.length = VOCAB, TEXT_LEN
-    c.action.update(horizon=8, width=24, depth=2, mlp_dim=48, num_heads=3)
-    c.dtype = "float32"
-    return c
+# The tiny model's sizes and config live apart, without torch: every process a test starts
+# imports them (through tiny_run_config), and torch with transformers' SigLIP costs seconds.
+from tiny_config import DEPTH, HEADS, IMAGE_SIZE, MLP_DIM, PATCH, TEXT_LEN, VOCAB, WIDTH, tiny_model_config  # noqa: F401
 
 
 def hf_siglip_config(**tower):

@@ -1,14 +1,14 @@
-"""A run config for the tiny test model (tests/tiny.py): 8 samples a step, every step logged.
+"""A run config for the tiny test model (tests/tiny_config.py): 8 samples a step, every step logged.
 Tests set data.train and data.tokenizer (to the record_set fixture's)."""
 import os
 
-import tiny
+import tiny_config
 from caip_jax.config import base_config
 
 
 def get_config():
     config = base_config()
-    config.model = tiny.tiny_model_config()
+    config.model = tiny_config.tiny_model_config()
     config.model.text.vocab_size = 300  # the record_set fixture's tokenizer has 284 ids
     config.total_steps, config.batch_size = 6, 8
     config.data.workers = 0

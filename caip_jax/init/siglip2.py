@@ -25,7 +25,6 @@ from collections.abc import Mapping
 import numpy as np
 import safetensors.numpy
 import scipy.ndimage
-import transformers
 from flax import traverse_util
 
 from caip_jax import storage, torch_names
@@ -144,6 +143,8 @@ def load_hf(directory: str) -> dict[str, np.ndarray]:
     The head count comes from config.json (through transformers' config class, which fills
     the fields a config leaves at their defaults); both towers must share it, as in SigLIP 2.
     """
+    import transformers  # a second to import: only a Hugging Face checkpoint needs it, not every caip-train start
+
     config = transformers.AutoConfig.from_pretrained(directory)
     if config.model_type != "siglip":
         raise ValueError(
