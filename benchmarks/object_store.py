@@ -1,28 +1,31 @@
 """Input pipeline throughput reading records from object storage, against local disk, in one run.
 
-  python benchmarks/object_store.py [--records 512] [--seconds 6] [--rounds 1] [--workers 2] [--threads 4]
+  python benchmarks/object_store.py [--records 512] [--seconds 8] [--rounds 2] [--workers 8] [--threads 4]
 
 The host half of the training pipeline as training runs it (`pipeline.train_batches` +
-`pipeline.iterate` with its default 4 threads a loader process; 2 loader processes, one a core
-here, where config.data.workers' 8 are meant for a pod host's many cores, and would take 8 GB
-and 40 s to start on this machine) reads one record set from local disk
-and from a GCS emulator (fake-gcs-server, tests/gcs.py) through a loopback proxy that adds a
-latency to every request: none, 20 ms and 50 ms. array_record's own GCS reader reads gs://, as
-in training. Also at 50 ms: the pipeline as it was before batches were read at once (grain's
-batch, one record at a time per loader thread). Only 127.0.0.1 is used.
+`pipeline.iterate` with config.data.workers' default 8 loader processes of its default 4
+threads) reads one record set from local disk and from a GCS emulator (fake-gcs-server,
+tests/gcs.py) through a loopback TCP relay that adds a latency to every request (`gcs.Relay`):
+none, 20 ms and 50 ms. array_record's own GCS reader reads gs://, as in training. Also at 50 ms:
+the pipeline as it was before batches were read at once (grain's batch, one record at a time per
+loader thread). Only 127.0.0.1 is used.
 
-The emulator and the proxy run on the same cores as the pipeline, and cost more CPU per record
-than the pipeline itself (the proxy is Python, and array_record drops each transfer after its
-record, so the proxy moves several times the bytes used). So the figure that says whether the
-pipeline hides the latency is the rate at 20 and 50 ms against the emulator without added
-latency, which carries the same load; local disk shows what the harness costs on this machine.
+The harness must not take the CPU it measures. The machine's CPUs are split in two
+(`--split_cpus`, the default): the pipeline (this process's main thread and the loader workers it
+starts) runs on the first half, in every setting, local disk included; the emulator and the relays
+(threads started before the split) on the rest. And the relay is an asyncio TCP relay, not
+`gcs.Proxy` (Python's HTTP server, a thread and a new upstream connection a request): at 50 ms
+the emulator and the proxy cost 2.8 ms of CPU a record, more than one core has at local disk's
+rate here; the emulator and the relay, 1.8. The emulator without added latency shows what is
+left of the harness's cost.
 
 Figures: samples/s per setting (a fresh pipeline each, measured after its workers start and a
-warm-up; medians over rounds, ratios within a round), proxy requests per sample meanwhile,
-and, from batched reads of 256 distinct random records through the 50 ms proxy, requests per record and bytes fetched per byte used, on the
-benchmark's shards and on one shard of 256 records (what caip-make-records' default 8 shards
-hold for a set of 2k records; GCS's cost per request does not depend on the object's size,
-the emulator's does, which is why the benchmark's set has small shards).
+warm-up; medians over rounds, ratios within a round), relay requests per sample meanwhile,
+and, from batched reads of 256 distinct random records through a 50 ms `gcs.Proxy` (which counts
+bytes), requests per record and bytes fetched per byte used, on the benchmark's shards and on
+one shard of 256 records (what caip-make-records' default 8 shards hold for a set of 2k records;
+GCS's cost per request does not depend on the object's size, the emulator's does, which is why
+the benchmark's set has small shards).
 Writes benchmarks/results/object_store.json.
 """
 import glob
@@ -41,7 +44,7 @@ from absl import app, flags
 from grain._src.python.dataset.transformations.batch import BatchMapDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-import gcs  # noqa: E402  (tests/gcs.py: the emulator and the proxy)
+import gcs  # noqa: E402  (tests/gcs.py: the emulator, the relay and the proxy)
 import results_io  # noqa: E402
 from caip_jax.data import convert, pipeline, records, tokenizer  # noqa: E402
 from caip_jax.data.sources import demo_world  # noqa: E402
@@ -50,12 +53,13 @@ assert "gcsfs" not in sys.modules  # it reads STORAGE_EMULATOR_HOST once, when i
 
 flags.DEFINE_integer("records", 512, "Records in the benchmark's set.")
 flags.DEFINE_integer("shard_records", 32, "Records per shard of the benchmark's set.")
-flags.DEFINE_float("seconds", 6.0, "Measuring time per setting and round.")
+flags.DEFINE_float("seconds", 8.0, "Measuring time per setting and round.")
 flags.DEFINE_float("warmup", 2.0, "Seconds of batches before measuring, once the workers run.")
-flags.DEFINE_integer("rounds", 1, "Rounds of the settings (the second in reverse order, ...).")
+flags.DEFINE_integer("rounds", 2, "Rounds of the settings (the second in reverse order, ...).")
 flags.DEFINE_integer("batch", 32, "Batch size of the pipeline (per host).")
-flags.DEFINE_integer("workers", 2, "Loader processes (config.data.workers is 8, for a host of many cores).")
+flags.DEFINE_integer("workers", 8, "Loader processes (config.data.workers' default).")
 flags.DEFINE_integer("threads", 4, "Threads per loader process (pipeline.iterate's default).")
+flags.DEFINE_bool("split_cpus", True, "Pipeline on the first half of the CPUs, emulator and relays on the rest.")
 FLAGS = flags.FLAGS
 SIZE, BUCKET = 256, "bench"
 EMULATOR: gcs.Emulator | None = None  # started by main(): loader workers import this module again
@@ -92,18 +96,6 @@ def upload(path: str, name: str) -> None:
     urllib.request.urlopen(request, timeout=60).read()
 
 
-def quiet(proxy: gcs.Proxy) -> gcs.Proxy:
-    """The proxy without a traceback each time array_record drops a connection it kept alive."""
-    server, report = proxy._server, proxy._server.handle_error
-
-    def handle_error(request, address):
-        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
-            report(request, address)
-
-    server.handle_error = handle_error
-    return proxy
-
-
 def read_cost(paths: list[str], proxy: gcs.Proxy, count: int = 256) -> dict:
     """Requests per record and bytes the proxy sent per byte of record, for one batched read of
     `count` random records of `paths` (readers opened beforehand)."""
@@ -117,25 +109,25 @@ def read_cost(paths: list[str], proxy: gcs.Proxy, count: int = 256) -> dict:
                 bytes_fetched_per_byte_used=(proxy.bytes_sent - sent) / used)
 
 
-def measure(batches, proxy: gcs.Proxy | None) -> dict:
+def measure(batches, relay: gcs.Relay | None) -> dict:
     """Samples/s of a fresh pipeline.iterate over `batches` for FLAGS.seconds, after its
-    workers start and FLAGS.warmup seconds; with the proxy's requests per sample meanwhile."""
-    if proxy:  # the workers start with it and open their readers with it
-        os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = proxy.endpoint
+    workers start and FLAGS.warmup seconds; with the relay's requests per sample meanwhile."""
+    if relay:  # the workers start with it and open their readers with it
+        os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = relay.endpoint
     iterator = pipeline.iterate(batches, FLAGS.workers, FLAGS.threads)
     start = time.perf_counter()
     next(iterator)
     startup, start = time.perf_counter() - start, time.perf_counter()
     while time.perf_counter() - start < FLAGS.warmup:
         next(iterator)
-    requests, count, start = proxy.requests if proxy else 0, 0, time.perf_counter()
+    requests, count, start = relay.requests if relay else 0, 0, time.perf_counter()
     while time.perf_counter() - start < FLAGS.seconds:
         next(iterator)
         count += FLAGS.batch
     wall = time.perf_counter() - start
     figures = dict(rate=count / wall, startup_seconds=startup)
-    if proxy:
-        figures["requests_per_sample"] = (proxy.requests - requests) / count
+    if relay:
+        figures["requests_per_sample"] = (relay.requests - requests) / count
     iterator.close()
     os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = EMULATOR.endpoint
     return figures
@@ -144,11 +136,19 @@ def measure(batches, proxy: gcs.Proxy | None) -> dict:
 def main(argv):
     del argv
     global EMULATOR
+    cpus = sorted(os.sched_getaffinity(0))
+    pipeline_cpus, harness_cpus = (cpus[:len(cpus) // 2], cpus[len(cpus) // 2:]) if FLAGS.split_cpus else (cpus, cpus)
+    # Affinity is per thread on Linux and inherited by the threads and processes a thread starts:
+    # the emulator and the relays' threads start here, the loader workers after the split.
+    os.sched_setaffinity(0, harness_cpus)
     EMULATOR = gcs.Emulator()
+    relays = {name: gcs.Relay(EMULATOR.endpoint, latency) for name, latency in LATENCIES.items()}
+    counting = gcs.Proxy(EMULATOR.endpoint, latency=LATENCIES["emulator_50ms"])
+    os.sched_setaffinity(0, pipeline_cpus)
     # Every client points at the emulator before it first touches gs:// (gcsfs reads
     # STORAGE_EMULATOR_HOST once, when imported); array_record reads
     # CLOUD_STORAGE_EMULATOR_ENDPOINT whenever it opens a reader, so that one is pointed at each
-    # proxy in turn, and the loader workers inherit it when they start.
+    # relay in turn, and the loader workers inherit it when they start.
     os.environ.update(EMULATOR.environment())
     work = tempfile.mkdtemp(prefix="object_store_")
     local = os.path.join(work, "records")
@@ -168,33 +168,32 @@ def main(argv):
     spm = tokenizer.train_sentencepiece(texts * 4, os.path.join(work, "spm"), 512)
     preprocess = pipeline.Preprocess(spm, SIZE, 64, 64)
 
-    proxies = {name: quiet(gcs.Proxy(EMULATOR.endpoint, latency=latency)) for name, latency in LATENCIES.items()}
     costs = {}
-    os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = proxies["emulator_50ms"].endpoint
-    costs["benchmark_shards"] = read_cost(pipeline.open_record_set(remote).shards, proxies["emulator_50ms"])
+    os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = counting.endpoint
+    costs["benchmark_shards"] = read_cost(pipeline.open_record_set(remote).shards, counting)
     costs["shard_of_256_records"] = read_cost([f"gs://{BUCKET}/big/records-00000-of-00001.array_record"],
-                                              proxies["emulator_50ms"])
+                                              counting)
     print("read cost at 50 ms:", costs)
 
     settings = {"local_disk": (local, None, True)}
-    settings.update({name: (remote, proxies[name], True) for name in LATENCIES})
-    settings["emulator_50ms_per_record_reads"] = (remote, proxies["emulator_50ms"], False)
+    settings.update({name: (remote, relays[name], True) for name in LATENCIES})
+    settings["emulator_50ms_per_record_reads"] = (remote, relays["emulator_50ms"], False)
     rounds = []
     for r in range(FLAGS.rounds):
         figures = {}
         for name in (list(settings) if r % 2 == 0 else list(reversed(settings))):
-            directory, proxy, at_once = settings[name]
-            os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = proxy.endpoint if proxy else EMULATOR.endpoint
+            directory, relay, at_once = settings[name]
+            os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = relay.endpoint if relay else EMULATOR.endpoint
             batches = pipeline.train_batches([(pipeline.open_record_set(directory), preprocess, 1.0)], FLAGS.batch, seed=0)
             if not at_once:  # as before: grain's batch, one record at a time per loader thread
                 samples = batches._parent._parent
                 assert isinstance(batches._parent, pipeline.BatchedReads)
                 batches = BatchMapDataset(samples, FLAGS.batch, drop_remainder=True)
-            figures[name] = measure(batches, proxy)
+            figures[name] = measure(batches, relay)
             print(name, {k: round(v, 2) for k, v in figures[name].items()}, flush=True)
         rounds.append(figures)
-    for proxy in proxies.values():
-        proxy.close()
+    for server in [*relays.values(), counting]:
+        server.close()
     EMULATOR.close()
     shutil.rmtree(work, ignore_errors=True)
 
@@ -217,6 +216,8 @@ def main(argv):
         batch=FLAGS.batch,
         workers=FLAGS.workers,
         threads=FLAGS.threads,
+        pipeline_cpus=pipeline_cpus,
+        harness_cpus=harness_cpus,
         image_size=SIZE,
         machine=results_io.machine(),
     )
