@@ -39,7 +39,7 @@ def fitted(head: str, workdir: str) -> train.TrainedPolicy:
     config = policy_config.policy_config("tiny")
     config.model.head = head
     config.horizon, config.execute = HORIZON, 1
-    config.total_steps, config.batch_size = 800, 128
+    config.total_steps, config.batch_size = 400, 128
     # Two devices: the batch is split and the gradients reduced over the mesh, as on a pod.
     return train.train(config, bimodal(2000, seed=0), workdir, devices=jax.devices()[:2])
 
