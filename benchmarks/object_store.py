@@ -109,9 +109,28 @@ def read_cost(paths: list[str], proxy: gcs.Proxy, count: int = 256) -> dict:
                 bytes_fetched_per_byte_used=(proxy.bytes_sent - sent) / used)
 
 
-def measure(batches, relay: gcs.Relay | None) -> dict:
+def cpu_ticks() -> dict[int, tuple[int, int]]:
+    """CPU index -> (busy, total) clock ticks since boot, from /proc/stat (time stolen by the
+    hypervisor counts as busy: it was not ours)."""
+    ticks = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *values = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                user, nice, system, idle, iowait, irq, softirq, steal = map(int, values[:8])  # guest is in user
+                ticks[int(name[3:])] = (used := user + nice + system + irq + softirq + steal, used + idle + iowait)
+    return ticks
+
+
+def busy(before: dict, after: dict, cpus: list[int]) -> float:
+    """The share of the time `cpus` were busy between two `cpu_ticks()`."""
+    return sum(after[c][0] - before[c][0] for c in cpus) / max(1, sum(after[c][1] - before[c][1] for c in cpus))
+
+
+def measure(batches, relay: gcs.Relay | None, pipeline_cpus: list[int], harness_cpus: list[int]) -> dict:
     """Samples/s of a fresh pipeline.iterate over `batches` for FLAGS.seconds, after its
-    workers start and FLAGS.warmup seconds; with the relay's requests per sample meanwhile."""
+    workers start and FLAGS.warmup seconds; with the relay's requests per sample and how busy
+    the pipeline's and the harness's CPUs were meanwhile."""
     if relay:  # the workers start with it and open their readers with it
         os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = relay.endpoint
     iterator = pipeline.iterate(batches, FLAGS.workers, FLAGS.threads)
@@ -120,12 +139,13 @@ def measure(batches, relay: gcs.Relay | None) -> dict:
     startup, start = time.perf_counter() - start, time.perf_counter()
     while time.perf_counter() - start < FLAGS.warmup:
         next(iterator)
-    requests, count, start = relay.requests if relay else 0, 0, time.perf_counter()
+    requests, count, ticks, start = relay.requests if relay else 0, 0, cpu_ticks(), time.perf_counter()
     while time.perf_counter() - start < FLAGS.seconds:
         next(iterator)
         count += FLAGS.batch
-    wall = time.perf_counter() - start
-    figures = dict(rate=count / wall, startup_seconds=startup)
+    wall, after = time.perf_counter() - start, cpu_ticks()
+    figures = dict(rate=count / wall, startup_seconds=startup, pipeline_cpus_busy=busy(ticks, after, pipeline_cpus),
+                   harness_cpus_busy=busy(ticks, after, harness_cpus))
     if relay:
         figures["requests_per_sample"] = (relay.requests - requests) / count
     iterator.close()
@@ -189,7 +209,7 @@ def main(argv):
                 samples = batches._parent._parent
                 assert isinstance(batches._parent, pipeline.BatchedReads)
                 batches = BatchMapDataset(samples, FLAGS.batch, drop_remainder=True)
-            figures[name] = measure(batches, relay)
+            figures[name] = measure(batches, relay, pipeline_cpus, harness_cpus)
             print(name, {k: round(v, 2) for k, v in figures[name].items()}, flush=True)
         rounds.append(figures)
     for server in [*relays.values(), counting]:
@@ -208,6 +228,8 @@ def main(argv):
     result = dict(
         figures=summary,
         requests_per_sample={name: median(lambda r: r[name]["requests_per_sample"]) for name in settings if settings[name][1]},
+        cpus_busy={name: dict(pipeline=median(lambda r: r[name]["pipeline_cpus_busy"]),
+                              harness=median(lambda r: r[name]["harness_cpus_busy"])) for name in settings},
         read_cost_at_50ms=costs,
         rounds=rounds,
         records=FLAGS.records,

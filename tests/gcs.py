@@ -184,7 +184,7 @@ class Relay:
     """A loopback TCP relay in front of `target` that holds each request `latency` seconds before
     passing it on (every burst of bytes from the client is one HTTP request here: array_record
     sends each request whole and waits for its answer) and passes answers back at once. One
-    asyncio thread, no HTTP parsing: about a tenth of `Proxy`'s CPU per request, so that a
+    asyncio thread, no HTTP parsing: about half of `Proxy`'s CPU per request, so that a
     throughput benchmark measures the reader, not the harness. Counts requests (`requests`)."""
 
     def __init__(self, target: str, latency: float):
