@@ -1,7 +1,7 @@
 """Linear probes on frozen features: closed-form ridge regression (regulariser chosen on a
 held-out split), pooled R^2 (also per horizon prefix), and an L-BFGS logistic-regression probe.
 
-All in float32. Matmuls ask for full float32 precision: by default GPUs use TF32 and TPUs bf16
+Fits in float32 (R^2 is scored in float64). Matmuls ask for full float32 precision: by default GPUs use TF32 and TPUs bf16
 passes for float32 matmuls, which costs ridge its ~1e-4 recovery of a planted map.
 """
 import dataclasses
@@ -120,17 +120,17 @@ def r2_score(y_true, y_pred, weights=None) -> float:
     """Pooled R^2 of y_pred [n, k] against y_true [n, k] over the valid entries (weights [n, k]
     in {0, 1}, default all valid): 1 - SSE / SST, where SSE sums the squared errors over all
     columns and SST the squared deviations of y_true from its per-column mean of valid values,
-    over all columns (sklearn's multioutput="variance_weighted"). nan when SST is 0."""
-    y_true = jnp.asarray(y_true, jnp.float32)
-    y_pred = jnp.asarray(y_pred, jnp.float32)
-    w = jnp.ones_like(y_true) if weights is None else jnp.broadcast_to(
-        jnp.asarray(weights, jnp.float32), y_true.shape)
+    over all columns (sklearn's multioutput="variance_weighted"). nan when SST is 0. In float64
+    with numpy: a score, not a step of a program (and no compile per shape)."""
+    y_true = np.asarray(y_true, np.float64)
+    y_pred = np.asarray(y_pred, np.float64)
+    w = np.ones_like(y_true) if weights is None else np.broadcast_to(np.asarray(weights, np.float64), y_true.shape)
     # Zero masked entries before squaring: a huge masked value times 0 weight is still inf * 0.
     valid = w > 0
-    y_true, y_pred = jnp.where(valid, y_true, 0.0), jnp.where(valid, y_pred, 0.0)
-    mean = jnp.sum(w * y_true, 0) / jnp.maximum(jnp.sum(w, 0), 1.0)
-    sse = jnp.sum(w * (y_true - y_pred) ** 2)
-    sst = jnp.sum(w * (y_true - mean) ** 2)
+    y_true, y_pred = np.where(valid, y_true, 0.0), np.where(valid, y_pred, 0.0)
+    mean = np.sum(w * y_true, 0) / np.maximum(np.sum(w, 0), 1.0)
+    sse = np.sum(w * (y_true - y_pred) ** 2)
+    sst = np.sum(w * (y_true - mean) ** 2)
     return float(1.0 - sse / sst) if sst > 0 else float("nan")
 
 
@@ -173,24 +173,37 @@ class Logistic:
     val_accuracies: tuple[float, ...]
 
 
-def _standardise(x):
-    mean, std = x.mean(0), x.std(0)
+def _standardise(x, w):
+    """Mean and std [d] of x [n, d] over the rows weighted by w [n] (summing to 1)."""
+    mean = _mm(w, x)
+    std = jnp.sqrt(_mm(w, (x - mean) ** 2))
     return mean, jnp.maximum(std, 1e-6)  # constant features would divide by 0
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "steps", "learning_rate"))
-def _train_logistic(x, labels, l2, num_classes, steps, learning_rate):
-    """Full-batch L-BFGS on mean softmax cross-entropy + l2 ||W||^2 -> (kernel, bias, mean, std).
+def _class_slots(num_classes: int) -> int:
+    """Classes a probe is compiled for: a power of two, at least 8, so that the labels of a
+    dataset (2, 4, 12 classes ...) share one or two programs instead of one each."""
+    return max(8, 1 << (num_classes - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("slots", "steps", "learning_rate"))
+def _train_logistic(x, labels, rows, num_classes, l2, slots, steps, learning_rate):
+    """Full-batch L-BFGS on mean softmax cross-entropy + l2 ||W||^2 over the rows where rows [n]
+    is 1 (the fit split, or all: one program for both) -> (kernel [d, slots], bias [slots],
+    mean [d], std [d]). Classes num_classes.. of the `slots` have logits -inf: probability 0,
+    gradient 0, so their parameters stay 0 and the others are those of a num_classes probe.
     The objective is strongly convex, so L-BFGS with a line search converges in tens of steps
     (`steps` at most); it stops once the gradient vanishes (further curvature pairs would be
     0 / 0) or a step leaves the finite numbers, keeping the parameters it had."""
-    mean, std = _standardise(x)
+    w = rows / jnp.sum(rows)
+    mean, std = _standardise(x, w)
     z = (x - mean) / std
+    absent = jnp.where(jnp.arange(slots) < num_classes, 0.0, -jnp.inf)
 
     def loss(params):
         kernel, bias = params
-        logits = _mm(z, kernel) + bias
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        logits = _mm(z, kernel) + bias + absent
+        ce = jnp.sum(w * optax.softmax_cross_entropy_with_integer_labels(logits, labels))
         return ce + l2 * jnp.sum(kernel**2)
 
     opt = optax.lbfgs(learning_rate=learning_rate)
@@ -205,14 +218,16 @@ def _train_logistic(x, labels, l2, num_classes, steps, learning_rate):
         params, state = jax.tree.map(lambda old, new: jnp.where(done, old, new), (params, state), (new_params, new_state))
         return i + 1, params, state, done
 
-    params = (jnp.zeros((x.shape[1], num_classes)), jnp.zeros(num_classes))
+    params = (jnp.zeros((x.shape[1], slots)), jnp.zeros(slots))
     _, params, _, _ = jax.lax.while_loop(lambda carry: (carry[0] < steps) & ~carry[3], step,
                                          (0, params, opt.init(params), False))
     return (*params, mean, std)
 
 
-def _logits(kernel, bias, mean, std, x):
-    return _mm((jnp.asarray(x, jnp.float32) - mean) / std, kernel) + bias
+@jax.jit
+def _predicted_classes(kernel, bias, mean, std, x):
+    """x [n, d] -> the class [n] of the largest logit."""
+    return jnp.argmax(_mm((x - mean) / std, kernel) + bias, -1)
 
 
 def fit_logistic(x, labels, num_classes: int, l2=L2S, val_fraction: float = 0.2,
@@ -228,20 +243,26 @@ def fit_logistic(x, labels, num_classes: int, l2=L2S, val_fraction: float = 0.2,
                          "(-1) rows from training or raise num_classes")
     l2 = tuple(float(v) for v in l2)
     fit, val = split_rows(len(x), val_fraction, seed)
-    train = functools.partial(_train_logistic, num_classes=num_classes, steps=steps,
-                              learning_rate=learning_rate)
+    fit_rows = np.zeros(len(x), np.float32)
+    fit_rows[fit] = 1.0
+
+    def train(rows, v):
+        kernel, bias, mean, std = _train_logistic(x, labels, rows, num_classes, jnp.float32(v), slots=_class_slots(num_classes),
+                                                  steps=steps, learning_rate=learning_rate)
+        return kernel[:, :num_classes], bias[:num_classes], mean, std
+
     accs = []
     for v in l2:
-        params = train(x[fit], labels[fit], jnp.float32(v))
-        accs.append(accuracy(labels[val], jnp.argmax(_logits(*params, x[val]), -1)))
+        predicted = _predicted_classes(*train(fit_rows, v), x)
+        accs.append(accuracy(labels[val], np.asarray(predicted)[val]))
     best = max(range(len(l2)), key=lambda i: (accs[i], l2[i]))
-    params = train(x, labels, jnp.float32(l2[best]))
+    params = train(np.ones(len(x), np.float32), l2[best])
     return Logistic(*params, l2[best], l2, tuple(accs))
 
 
 def predict_logistic(probe: Logistic, x) -> jax.Array:
     """x [n, d] -> predicted class ids [n]."""
-    return jnp.argmax(_logits(probe.kernel, probe.bias, probe.mean, probe.std, x), -1)
+    return _predicted_classes(probe.kernel, probe.bias, probe.mean, probe.std, jnp.asarray(x, jnp.float32))
 
 
 def accuracy(labels, predicted) -> float:
