@@ -6,9 +6,9 @@ The host half of the training pipeline as training runs it (`pipeline.train_batc
 `pipeline.iterate` with config.data.workers' default 8 loader processes of its default 4
 threads) reads one record set from local disk and from a GCS emulator (fake-gcs-server,
 tests/gcs.py) through a loopback TCP relay that adds a latency to every request (`gcs.Relay`):
-none, 20 ms and 50 ms. array_record's own GCS reader reads gs://, as in training. Also at 50 ms:
-the pipeline as it was before batches were read at once (grain's batch, one record at a time per
-loader thread). Only 127.0.0.1 is used.
+none, 20 ms and 50 ms. gs:// is read as training reads it, by `range_reads.RangeReads` (one
+request of exactly a record's bytes, on kept connections); at 50 ms also by array_record's own
+GCS reader (the pipeline before RangeReads). Only 127.0.0.1 is used.
 
 The harness must not take the CPU it measures. The machine's CPUs are split in two
 (`--split_cpus`, the default): the pipeline (this process's main thread and the loader workers it
@@ -20,12 +20,13 @@ rate here; the emulator and the relay, 1.8. The emulator without added latency s
 left of the harness's cost.
 
 Figures: samples/s per setting (a fresh pipeline each, measured after its workers start and a
-warm-up; medians over rounds, ratios within a round), relay requests per sample meanwhile,
-and, from batched reads of 256 distinct random records through a 50 ms `gcs.Proxy` (which counts
-bytes), requests per record and bytes fetched per byte used, on the benchmark's shards and on
-one shard of 256 records (what caip-make-records' default 8 shards hold for a set of 2k records;
-GCS's cost per request does not depend on the object's size, the emulator's does, which is why
-the benchmark's set has small shards).
+warm-up; medians over rounds, ratios within a round), relay requests per sample meanwhile, how
+busy the pipeline's and the harness's CPUs were, and, from batched reads of 256 distinct random
+records through a 50 ms `gcs.Proxy` (which counts bytes), each reader's requests per record and
+bytes fetched per byte used, on the benchmark's shards and on one shard of 256 records (what
+caip-make-records' default 8 shards hold for a set of 2k records; GCS's cost per request does
+not depend on the object's size, the emulator's does, which is why the benchmark's set has
+small shards).
 Writes benchmarks/results/object_store.json.
 """
 import glob
@@ -39,14 +40,14 @@ import time
 import urllib.parse
 import urllib.request
 
+import grain
 import numpy as np
 from absl import app, flags
-from grain._src.python.dataset.transformations.batch import BatchMapDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 import gcs  # noqa: E402  (tests/gcs.py: the emulator, the relay and the proxy)
 import results_io  # noqa: E402
-from caip_jax.data import convert, pipeline, records, tokenizer  # noqa: E402
+from caip_jax.data import convert, pipeline, range_reads, records, tokenizer  # noqa: E402
 from caip_jax.data.sources import demo_world  # noqa: E402
 
 assert "gcsfs" not in sys.modules  # it reads STORAGE_EMULATOR_HOST once, when imported: see main()
@@ -96,17 +97,34 @@ def upload(path: str, name: str) -> None:
     urllib.request.urlopen(request, timeout=60).read()
 
 
-def read_cost(paths: list[str], proxy: gcs.Proxy, count: int = 256) -> dict:
+def array_record_source(record_set: records.RecordSet) -> pipeline.ConcurrentReads:
+    """The record set's source that array_record's own GCS reader reads (the path before RangeReads)."""
+    return pipeline.ConcurrentReads([f"{path}[0:{count}]" for path, count in zip(record_set.shards, record_set.counts)])
+
+
+def with_array_record_reads(batches):
+    """`pipeline.train_batches` output with its records read by `array_record_source`."""
+    samples = batches._parent._parent._parent
+    assert isinstance(samples, pipeline.SkipCorrupt), type(samples)
+    samples._records = grain.MapDataset.source(array_record_source(samples._set))
+    return batches
+
+
+def read_cost(record_set: records.RecordSet, proxy: gcs.Proxy, count: int = 256) -> dict:
     """Requests per record and bytes the proxy sent per byte of record, for one batched read of
-    `count` random records of `paths` (readers opened beforehand)."""
-    source = pipeline.ConcurrentReads(paths)
-    total = len(source)
-    source._getitems(list(range(0, total, max(1, total // len(paths)))))  # opens every reader
-    keys = np.random.default_rng(0).permutation(total)[:count].tolist()  # distinct: each one request
-    requests, sent, start = proxy.requests, proxy.bytes_sent, time.perf_counter()
-    used = sum(map(len, source._getitems(keys)))
-    return dict(records=count, seconds=time.perf_counter() - start, requests_per_record=(proxy.requests - requests) / count,
-                bytes_fetched_per_byte_used=(proxy.bytes_sent - sent) / used)
+    `count` random records of `record_set` (indexes read beforehand) by each reader."""
+    costs = {}
+    for name, source in (("range_reads", range_reads.RangeReads(record_set.shards, record_set.counts, proxy.endpoint)),
+                         ("array_record", array_record_source(record_set))):
+        total = len(source)
+        source._getitems(list(range(0, total, max(1, total // len(record_set.shards)))))  # opens every shard
+        keys = np.random.default_rng(0).permutation(total)[:count].tolist()  # distinct: each one request
+        requests, sent, start = proxy.requests, proxy.bytes_sent, time.perf_counter()
+        used = sum(map(len, source._getitems(keys)))
+        costs[name] = dict(records=count, seconds=time.perf_counter() - start,
+                           requests_per_record=(proxy.requests - requests) / count,
+                           bytes_fetched_per_byte_used=(proxy.bytes_sent - sent) / used)
+    return costs
 
 
 def cpu_ticks() -> dict[int, tuple[int, int]]:
@@ -131,8 +149,6 @@ def measure(batches, relay: gcs.Relay | None, pipeline_cpus: list[int], harness_
     """Samples/s of a fresh pipeline.iterate over `batches` for FLAGS.seconds, after its
     workers start and FLAGS.warmup seconds; with the relay's requests per sample and how busy
     the pipeline's and the harness's CPUs were meanwhile."""
-    if relay:  # the workers start with it and open their readers with it
-        os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = relay.endpoint
     iterator = pipeline.iterate(batches, FLAGS.workers, FLAGS.threads)
     start = time.perf_counter()
     next(iterator)
@@ -149,7 +165,6 @@ def measure(batches, relay: gcs.Relay | None, pipeline_cpus: list[int], harness_
     if relay:
         figures["requests_per_sample"] = (relay.requests - requests) / count
     iterator.close()
-    os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = EMULATOR.endpoint
     return figures
 
 
@@ -166,9 +181,9 @@ def main(argv):
     counting = gcs.Proxy(EMULATOR.endpoint, latency=LATENCIES["emulator_50ms"])
     os.sched_setaffinity(0, pipeline_cpus)
     # Every client points at the emulator before it first touches gs:// (gcsfs reads
-    # STORAGE_EMULATOR_HOST once, when imported); array_record reads
-    # CLOUD_STORAGE_EMULATOR_ENDPOINT whenever it opens a reader, so that one is pointed at each
-    # relay in turn, and the loader workers inherit it when they start.
+    # STORAGE_EMULATOR_HOST once, when imported). RangeReads takes the endpoint it reads when it
+    # is made, array_record whenever it opens a reader (CLOUD_STORAGE_EMULATOR_ENDPOINT, which the
+    # loader workers inherit when they start): both are pointed at each relay in turn.
     os.environ.update(EMULATOR.environment())
     work = tempfile.mkdtemp(prefix="object_store_")
     local = os.path.join(work, "records")
@@ -190,25 +205,23 @@ def main(argv):
 
     costs = {}
     os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = counting.endpoint
-    costs["benchmark_shards"] = read_cost(pipeline.open_record_set(remote).shards, counting)
-    costs["shard_of_256_records"] = read_cost([f"gs://{BUCKET}/big/records-00000-of-00001.array_record"],
-                                              counting)
+    costs["benchmark_shards"] = read_cost(pipeline.open_record_set(remote), counting)
+    costs["shard_of_256_records"] = read_cost(pipeline.open_record_set(f"gs://{BUCKET}/big"), counting)
     print("read cost at 50 ms:", costs)
 
-    settings = {"local_disk": (local, None, True)}
-    settings.update({name: (remote, relays[name], True) for name in LATENCIES})
-    settings["emulator_50ms_per_record_reads"] = (remote, relays["emulator_50ms"], False)
+    settings = {"local_disk": (local, None, "range_reads")}
+    settings.update({name: (remote, relays[name], "range_reads") for name in LATENCIES})
+    settings["emulator_50ms_array_record"] = (remote, relays["emulator_50ms"], "array_record")
     rounds = []
     for r in range(FLAGS.rounds):
         figures = {}
         for name in (list(settings) if r % 2 == 0 else list(reversed(settings))):
-            directory, relay, at_once = settings[name]
-            os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = relay.endpoint if relay else EMULATOR.endpoint
+            directory, relay, reader = settings[name]
+            endpoint = relay.endpoint if relay else EMULATOR.endpoint
+            os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = os.environ["STORAGE_EMULATOR_HOST"] = endpoint
             batches = pipeline.train_batches([(pipeline.open_record_set(directory), preprocess, 1.0)], FLAGS.batch, seed=0)
-            if not at_once:  # as before: grain's batch, one record at a time per loader thread
-                samples = batches._parent._parent
-                assert isinstance(batches._parent, pipeline.BatchedReads)
-                batches = BatchMapDataset(samples, FLAGS.batch, drop_remainder=True)
+            if reader == "array_record":
+                batches = with_array_record_reads(batches)
             figures[name] = measure(batches, relay, pipeline_cpus, harness_cpus)
             print(name, {k: round(v, 2) for k, v in figures[name].items()}, flush=True)
         rounds.append(figures)
@@ -221,9 +234,9 @@ def main(argv):
         return statistics.median(fn(r) for r in rounds)
 
     summary = {name: median(lambda r: r[name]["rate"]) for name in settings}
-    for name in list(LATENCIES) + ["emulator_50ms_per_record_reads"]:
+    for name in list(LATENCIES) + ["emulator_50ms_array_record"]:
         summary[f"{name}_vs_local_disk"] = median(lambda r: r[name]["rate"] / r["local_disk"]["rate"])
-    for name in ("emulator_20ms", "emulator_50ms", "emulator_50ms_per_record_reads"):
+    for name in ("emulator_20ms", "emulator_50ms", "emulator_50ms_array_record"):
         summary[f"{name}_vs_emulator_0ms"] = median(lambda r: r[name]["rate"] / r["emulator_0ms"]["rate"])
     result = dict(
         figures=summary,

@@ -94,13 +94,15 @@ class Emulator:
 
 class Proxy:
     """A loopback HTTP proxy in front of `target` ("http://127.0.0.1:PORT"). Per request it waits
-    `latency` seconds, then with probability `fail_share` answers 503 without forwarding; with
+    `latency` seconds, then with probability `fail_share` answers 503 without forwarding (only
+    requests whose path contains `fail_matching`, e.g. "alt=media": object reads); with
     `read_only`, any request but GET and HEAD is answered 403. It counts requests and the body
     bytes it passed back (`requests`, `bytes_sent`). Responses stream through, so a client that
     drops a connection after the bytes it wanted is seen as it is."""
 
-    def __init__(self, target: str, latency: float = 0.0, fail_share: float = 0.0, read_only: bool = False, seed: int = 0):
-        self.latency, self.fail_share, self.read_only = latency, fail_share, read_only
+    def __init__(self, target: str, latency: float = 0.0, fail_share: float = 0.0, read_only: bool = False, seed: int = 0,
+                 fail_matching: str = ""):
+        self.latency, self.fail_share, self.read_only, self.fail_matching = latency, fail_share, read_only, fail_matching
         self.requests, self.bytes_sent, self._lock, self._random = 0, 0, threading.Lock(), random.Random(seed)
         host, port = target.removeprefix("http://").split(":")
         proxy = self
@@ -116,7 +118,7 @@ class Proxy:
                 body = self.rfile.read(length) if length else None
                 with proxy._lock:
                     proxy.requests += 1
-                    fail = proxy._random.random() < proxy.fail_share
+                    fail = proxy.fail_matching in self.path and proxy._random.random() < proxy.fail_share
                 time.sleep(proxy.latency)
                 if fail or (proxy.read_only and self.command not in ("GET", "HEAD")):
                     status = 503 if fail else 403

@@ -1,6 +1,6 @@
 """A batch's records are read at once, not one at a time: on object storage each record is a
-request (array_record reads gs:// itself), so a batch read record by record waits one latency
-per record. And the batches are those of the per-record path, bad records included."""
+request (range_reads.RangeReads), so a batch read record by record waits one latency per
+record. And the batches are those of the per-record path, bad records included."""
 import logging
 import os
 import time
@@ -48,7 +48,7 @@ def test_a_batch_from_object_storage_waits_about_one_latency_not_one_per_record(
         upload(gcs, url, os.path.join(directory, name))
     remote = records.RecordSet(f"{bucket}/records", tuple(shards), (9, 9))
     proxy = Proxy(gcs.endpoint, latency=LATENCY)
-    monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", proxy.endpoint)  # array_record reads it per reader
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)  # range_reads.RangeReads reads it when made
     try:
         preprocess = make_preprocess(record_set)
         batch = 8

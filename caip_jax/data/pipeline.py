@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from caip_jax import storage
-from caip_jax.data import batch_ring, records, tfds_builder
+from caip_jax.data import batch_ring, range_reads, records, tfds_builder
 from caip_jax.data.tokenizer import Tokenizer
 
 
@@ -270,8 +270,8 @@ class ConcurrentReads(grain.sources.ArrayRecordDataSource):
     """grain's ArrayRecord source, whose batched read grain's MapDataset.source calls: it has
     `__getitems__` (reads in parallel: a thread per shard, and array_record's C++ reader reads
     one shard's records in parallel), but grain 0.2.18 only calls a source's `_getitems`.
-    On object storage every record is a request (gs:// is read by array_record itself), so a
-    batch read one record at a time waits one latency per record."""
+    Local shards; gs:// ones are read by `range_reads.RangeReads`, also a batch at once: there
+    every record is a request, and a batch read one record at a time waits a latency a record."""
 
     def _getitems(self, record_keys: Sequence[int]) -> Sequence[bytes]:
         return self.__getitems__(record_keys)
@@ -292,9 +292,11 @@ def record_dataset(record_set: str | records.RecordSet) -> grain.MapDataset:
     A directory is opened with `open_record_set` (absent or unreadable shards an error)."""
     if isinstance(record_set, str):
         record_set = open_record_set(record_set)
-    # "path[0:n]": grain takes the counts as given instead of opening every shard again.
-    shards = [f"{path}[0:{count}]" for path, count in zip(record_set.shards, record_set.counts)]
-    dataset = grain.MapDataset.source(ConcurrentReads(shards))
+    if all(path.startswith("gs://") for path in record_set.shards):
+        source = range_reads.RangeReads(record_set.shards, record_set.counts)
+    else:  # "path[0:n]": grain takes the counts as given instead of opening every shard again.
+        source = ConcurrentReads([f"{path}[0:{count}]" for path, count in zip(record_set.shards, record_set.counts)])
+    dataset = grain.MapDataset.source(source)
     if _is_tfds(record_set.directory):
         return dataset.map(tfds_builder.decoder(record_set.directory))
     return dataset
