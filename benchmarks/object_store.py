@@ -146,12 +146,13 @@ def busy(before: dict, after: dict, cpus: list[int]) -> float:
 
 
 def measure(batches, relay: gcs.Relay | None, pipeline_cpus: list[int], harness_cpus: list[int]) -> dict:
-    """Samples/s of a fresh pipeline.iterate over `batches` for FLAGS.seconds, after its
-    workers start and FLAGS.warmup seconds; with the relay's requests per sample and how busy
-    the pipeline's and the harness's CPUs were meanwhile."""
+    """Samples/s of a fresh pipeline.iterate over `batches` for FLAGS.seconds, after all its
+    workers have started and FLAGS.warmup seconds more; with the relay's requests per sample and
+    how busy the pipeline's and the harness's CPUs were meanwhile."""
     iterator = pipeline.iterate(batches, FLAGS.workers, FLAGS.threads)
     start = time.perf_counter()
-    next(iterator)
+    for _ in range(max(1, FLAGS.workers)):  # batch k comes from worker k mod workers: each has started
+        next(iterator)
     startup, start = time.perf_counter() - start, time.perf_counter()
     while time.perf_counter() - start < FLAGS.warmup:
         next(iterator)
