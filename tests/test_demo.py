@@ -22,8 +22,9 @@ def demo_run(tmp_path_factory):
     """caip-demo as the README runs it (one CPU device), on 64 episodes and 24 held out:
     (workdir, results)."""
     workdir = str(tmp_path_factory.mktemp("demo"))
+    # About 3 minutes alone; on 2 cores beside the other tests' processes, at times over 5.
     finish(launch([f"--workdir={workdir}", "--num_episodes=64", "--test_episodes=24"], devices=1, program=("-m", "tools.demo"),
-                  fast_compile=False))
+                  fast_compile=False), timeout=900)
     with open(os.path.join(workdir, "train", "metrics.jsonl")) as f:
         logged = [m for m in map(json.loads, f) if "loss" in m]
     with open(os.path.join(workdir, "train", "probe", "report.json")) as f:

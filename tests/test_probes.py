@@ -134,32 +134,31 @@ def test_logistic_reaches_bayes_accuracy():
 
 
 @pytest.mark.parametrize("num_classes", [3, 8])  # 3 of 8 class slots (5 absent), and all 8
-def test_logistic_is_the_minimiser_over_the_chosen_rows(num_classes):
-    """One program fits the held-out split's fit rows and then all rows (a row mask), and the
-    labels of every class count up to 8 (absent classes masked): at what it returns, the float64
-    gradient of the objective over the chosen rows alone vanishes, with their own mean and std."""
+def test_logistic_probes_are_the_minimisers_over_their_rows(num_classes):
+    """One program fits a probe on any rows (a held-out split's fit rows, all rows) with any
+    l2, for any class count up to 8 (absent classes masked): at what it returns, the float64
+    gradient of its objective over its rows alone vanishes, with those rows' own mean and std."""
     import jax.numpy as jnp
 
     rng = np.random.default_rng(8)
     labels = rng.integers(0, num_classes, size=300)
     x = (rng.normal(size=(300, 5)) + 0.7 * rng.normal(size=(num_classes, 5))[labels]) * [1, 2, 3, 4, 5] + 10
-    rows = (rng.random(300) < 0.6).astype(np.float32)
-    l2 = 1e-2
-    kernel, bias, mean, std = (np.float64(a) for a in probes._train_logistic(
-        x.astype(np.float32), labels.astype(np.int32), jnp.asarray(rows), num_classes, jnp.float32(l2),
-        slots=8, steps=500, learning_rate=None))
-    assert not kernel[:, num_classes:].any() and not bias[num_classes:].any()
-    chosen = x[rows > 0]
-    np.testing.assert_allclose(mean, chosen.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(std, chosen.std(0), rtol=1e-4)
-    z = (chosen - chosen.mean(0)) / chosen.std(0)
-    logits = z @ kernel[:, :num_classes] + bias[:num_classes]
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    error = p / p.sum(1, keepdims=True) - np.eye(num_classes)[labels[rows > 0]]
-    grad_kernel = z.T @ error / len(z) + 2 * l2 * kernel[:, :num_classes]
-    grad_bias = error.mean(0)
-    assert max(np.abs(grad_kernel).max(), np.abs(grad_bias).max()) < 1e-4
-    assert np.abs(kernel).max() > 0.1  # not a vanishing gradient of a probe that learnt nothing
+    for chosen_rows, l2 in ((rng.random(300) < 0.6, 1e-2), (np.ones(300, bool), 1e-2), (rng.random(300) < 0.3, 1e-3)):
+        kernel, bias, mean, std = (np.float64(a) for a in probes._train_logistic(
+            x.astype(np.float32), labels.astype(np.int32), jnp.asarray(chosen_rows, jnp.float32), num_classes,
+            jnp.float32(l2), slots=8, steps=500, learning_rate=None))
+        assert not kernel[:, num_classes:].any() and not bias[num_classes:].any()
+        chosen = x[chosen_rows > 0]
+        np.testing.assert_allclose(mean, chosen.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(std, chosen.std(0), rtol=1e-4)
+        z = (chosen - chosen.mean(0)) / chosen.std(0)
+        logits = z @ kernel[:, :num_classes] + bias[:num_classes]
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        error = p / p.sum(1, keepdims=True) - np.eye(num_classes)[labels[chosen_rows > 0]]
+        grad_kernel = z.T @ error / len(z) + 2 * l2 * kernel[:, :num_classes]
+        grad_bias = error.mean(0)
+        assert max(np.abs(grad_kernel).max(), np.abs(grad_bias).max()) < 1e-4
+        assert np.abs(kernel).max() > 0.1  # not a vanishing gradient of a probe that learnt nothing
 
 
 def test_encode_labels_unseen_count_wrong():

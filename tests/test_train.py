@@ -122,9 +122,9 @@ def wait_for(predicate, timeout=300):
         time.sleep(0.05)
 
 
-def finish(process) -> None:
+def finish(process, timeout: float = 300) -> None:
     """Waits for a launched process; its output's tail is the failure message."""
-    out, _ = process.communicate(timeout=300)
+    out, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, out[-3000:]
 
 

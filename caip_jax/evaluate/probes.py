@@ -138,22 +138,26 @@ def horizon_r2(y_true, y_pred, mask=None, horizons=(8, 32, 64)) -> dict[str, flo
     """R^2 of trajectories y [n, T, ...]: "overall", and f"first_{h}" over steps [0, h) for each
     h <= T. Each is r2_score on the prefix flattened to [n, h * ...], so SST is taken around the
     per-(step, dimension) mean, the baseline a probe's bias can reach. mask [n, T, ...] (1 =
-    valid) is broadcast to y after appending missing trailing axes ([n, T] masks whole steps)."""
-    y_true = np.asarray(y_true, np.float32)
-    y_pred = np.asarray(y_pred, np.float32).reshape(y_true.shape)
+    valid) is broadcast to y after appending missing trailing axes ([n, T] masks whole steps).
+    A prefix's sums are those of its steps: one pass gives them all (float64)."""
+    y_true = np.asarray(y_true, np.float64)
+    y_pred = np.asarray(y_pred, np.float64).reshape(y_true.shape)
     if y_true.ndim < 2:
         raise ValueError(f"need y [n, T, ...]; got shape {y_true.shape}")
-    if mask is None:
-        mask = np.ones_like(y_true)
-    mask = np.asarray(mask, np.float32)
-    mask = np.broadcast_to(mask.reshape(mask.shape + (1,) * (y_true.ndim - mask.ndim)), y_true.shape)
-    n, steps = y_true.shape[:2]
+    w = np.ones_like(y_true) if mask is None else np.asarray(mask, np.float64)
+    w = np.broadcast_to(w.reshape(w.shape + (1,) * (y_true.ndim - w.ndim)), y_true.shape)
+    valid = w > 0  # masked entries zeroed before squaring, as in r2_score
+    y_true, y_pred = np.where(valid, y_true, 0.0), np.where(valid, y_pred, 0.0)
+    mean = np.sum(w * y_true, 0) / np.maximum(np.sum(w, 0), 1.0)  # [T, ...]
+    per_step = (0, *range(2, y_true.ndim))
+    sse = np.cumsum(np.sum(w * (y_true - y_pred) ** 2, per_step))  # [T]: over steps [0, h)
+    sst = np.cumsum(np.sum(w * (y_true - mean) ** 2, per_step))
 
     def prefix(h):
-        return r2_score(*(a[:, :h].reshape(n, -1) for a in (y_true, y_pred, mask)))
+        return float(1.0 - sse[h - 1] / sst[h - 1]) if sst[h - 1] > 0 else float("nan")
 
-    out = {"overall": prefix(steps)}
-    out.update({f"first_{h}": prefix(h) for h in horizons if h <= steps})
+    out = {"overall": prefix(y_true.shape[1])}
+    out.update({f"first_{h}": prefix(h) for h in horizons if h <= y_true.shape[1]})
     return out
 
 
@@ -188,13 +192,15 @@ def _class_slots(num_classes: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("slots", "steps", "learning_rate"))
 def _train_logistic(x, labels, rows, num_classes, l2, slots, steps, learning_rate):
-    """Full-batch L-BFGS on mean softmax cross-entropy + l2 ||W||^2 over the rows where rows [n]
-    is 1 (the fit split, or all: one program for both) -> (kernel [d, slots], bias [slots],
-    mean [d], std [d]). Classes num_classes.. of the `slots` have logits -inf: probability 0,
-    gradient 0, so their parameters stay 0 and the others are those of a num_classes probe.
-    The objective is strongly convex, so L-BFGS with a line search converges in tens of steps
-    (`steps` at most); it stops once the gradient vanishes (further curvature pairs would be
-    0 / 0) or a step leaves the finite numbers, keeping the parameters it had."""
+    """Full-batch L-BFGS on the mean softmax cross-entropy over the rows where rows [n] is 1
+    (a held-out split's fit rows, or all: one program for both), + l2 ||W||^2 -> (kernel
+    [d, slots], bias [slots], mean [d], std [d]). Classes num_classes.. of the `slots` have
+    logits -inf: probability 0, gradient 0, so their parameters stay 0 and the others are those
+    of a num_classes probe. The objective is strongly convex, so L-BFGS with a line search
+    converges in tens of steps (`steps` at most); it stops once the gradient vanishes (further
+    curvature pairs would be 0 / 0) or a step leaves the finite numbers, keeping the parameters
+    it had. (Fitting a grid at once under vmap is slower on a CPU: every lane runs the longest
+    line search.)"""
     w = rows / jnp.sum(rows)
     mean, std = _standardise(x, w)
     z = (x - mean) / std
@@ -251,13 +257,9 @@ def fit_logistic(x, labels, num_classes: int, l2=L2S, val_fraction: float = 0.2,
                                                   steps=steps, learning_rate=learning_rate)
         return kernel[:, :num_classes], bias[:num_classes], mean, std
 
-    accs = []
-    for v in l2:
-        predicted = _predicted_classes(*train(fit_rows, v), x)
-        accs.append(accuracy(labels[val], np.asarray(predicted)[val]))
+    accs = [accuracy(labels[val], np.asarray(_predicted_classes(*train(fit_rows, v), x[val]))) for v in l2]
     best = max(range(len(l2)), key=lambda i: (accs[i], l2[i]))
-    params = train(np.ones(len(x), np.float32), l2[best])
-    return Logistic(*params, l2[best], l2, tuple(accs))
+    return Logistic(*train(np.ones(len(x), np.float32), l2[best]), l2[best], l2, tuple(accs))
 
 
 def predict_logistic(probe: Logistic, x) -> jax.Array:
