@@ -2,13 +2,28 @@
 object storage), from process 0 only; and the devices' peak FLOP/s (for MFU) and memory."""
 import json
 import math
+import sys
 from typing import NamedTuple
 
 import jax
 import tqdm
-from tensorboardX import SummaryWriter
 
 from caip_jax import storage
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it
+    is installed (as it is here, for the export) only to accept torch tensors, and that import
+    is ~2 s of every training process's start. Scalars never need it."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 GiB = 2**30
 
@@ -78,7 +93,7 @@ class MetricsLog:
         if not self.enabled:
             return
         self._jsonl = storage.GrowingFile(storage.join(workdir, "metrics.jsonl"))
-        self._tensorboard = SummaryWriter(storage.join(workdir, "tensorboard"))
+        self._tensorboard = _summary_writer_class()(storage.join(workdir, "tensorboard"))
         self._bar = tqdm.tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True)
 
     def write(self, metrics: dict) -> None:
