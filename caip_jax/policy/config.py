@@ -38,6 +38,10 @@ def policy_config(size: str = "tiny") -> ml_collections.ConfigDict:
     # Which frozen features the decoder sees: the encoder's one pooled embedding (for CAIP the
     # text-conditioned image_pooled) or its patch tokens, projected.
     config.features = "pooled"
+    # Each feature dimension standardised over the demonstrations' frames, as the state and the
+    # actions are: encoders' scales differ by orders of magnitude (a simulator's raw positions,
+    # an encoder's unit-norm embedding), and the decoder's optimiser is tuned for unit scale.
+    config.normalize_features = True
     config.optim = optim.optim_config()
     config.optim.update(learning_rate=1e-3, warmup_fraction=0.05, weight_decay=1e-4, b2=0.999)
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

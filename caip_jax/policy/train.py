@@ -98,6 +98,7 @@ class TrainedPolicy:
     model: Policy
     mesh: jax.sharding.Mesh
     params: dict
+    feature_norm: Normalizer
     state_norm: Normalizer
     action_norm: Normalizer
 
@@ -105,7 +106,7 @@ class TrainedPolicy:
         self._act = jax.jit(self._chunk)
 
     def _chunk(self, params, features, state, instruction, rng):
-        state = self.state_norm.normalize(state)
+        features, state = self.feature_norm.normalize(features), self.state_norm.normalize(state)
         noise = jax.random.normal(rng, (features.shape[0], self.config.horizon, self.config.dims.action))
         if self.config.model.head == "mse":
             chunk = self.model.apply({"params": params}, features, state, instruction, jnp.zeros_like(noise),
@@ -136,10 +137,20 @@ def fitted_config(config: ml_collections.ConfigDict, data: TrainingSet) -> ml_co
         config.instructions = list(data.instructions)
         config.data_hash = data_hash(data)
         config.normalization = ml_collections.ConfigDict(dict(
+            features=_feature_normalizer(config, data.features).to_json(),
             state=Normalizer.fit(data.state).to_json(),
             action=Normalizer.fit(data.chunk, data.chunk_mask).to_json(),
         ))
     return config
+
+
+def _feature_normalizer(config: ml_collections.ConfigDict, features: np.ndarray) -> Normalizer:
+    """Each feature dimension standardised over the demonstrations' frames and tokens (features
+    [F, N, D]), or left as the encoder gives it (normalize_features false)."""
+    if config.normalize_features:
+        return Normalizer.fit(features)
+    dims = features.shape[-1]
+    return Normalizer(np.zeros(dims, np.float32), np.ones(dims, np.float32))
 
 
 def _loss_fn(model: Policy, head: str, time_sampling: str = "beta"):
@@ -159,9 +170,9 @@ def _loss_fn(model: Policy, head: str, time_sampling: str = "beta"):
 
 
 def _normalized_rows(config: ml_collections.ConfigDict, data: TrainingSet) -> dict[str, np.ndarray]:
-    state = Normalizer.from_json(config.normalization.state)
-    action = Normalizer.from_json(config.normalization.action)
-    return dict(features=data.features, state=state.normalize(data.state), instruction=data.instruction,
+    features, state, action = (Normalizer.from_json(config.normalization[k]) for k in ("features", "state", "action"))
+    return dict(features=features.normalize(data.features).astype(np.float32), state=state.normalize(data.state),
+                instruction=data.instruction,
                 chunk=action.normalize(data.chunk).astype(np.float32), chunk_mask=data.chunk_mask)
 
 
@@ -234,8 +245,8 @@ def _setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | No
 
 
 def _trained(config: ml_collections.ConfigDict, mesh, params) -> TrainedPolicy:
-    return TrainedPolicy(config, make_model(config), mesh, params, Normalizer.from_json(config.normalization.state),
-                         Normalizer.from_json(config.normalization.action))
+    return TrainedPolicy(config, make_model(config), mesh, params,
+                         *(Normalizer.from_json(config.normalization[k]) for k in ("features", "state", "action")))
 
 
 def load(workdir: str, devices: Sequence[jax.Device] | None = None) -> TrainedPolicy:
