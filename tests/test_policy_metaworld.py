@@ -96,8 +96,10 @@ def test_rollouts_are_a_function_of_the_seed(quick):
     quick_policy = quick[0]
     oracle = encoders.StateOracle()
     runs = []
-    for _ in range(2):  # a fresh environment each time: nothing carries over
-        env = environment.make("metaworld", TASK, image_size=None, max_steps=12)
+    # A fresh environment each time (nothing carries over), the second rendering: rendering
+    # changes nothing, so an encoder that sees no image rolls out unrendered but the pictured runs.
+    for image_size in (None, 32):
+        env = environment.make("metaworld", TASK, image_size=image_size, max_steps=12)
         runs.append([rollout.rollout(env, oracle, quick_policy, seed) for seed in (1_000_000, 1_000_001)])
         env.close()
     (a0, b0), (a1, b1) = runs

@@ -84,6 +84,30 @@ def generate(env: Environment, root: str, count: int, seed: int, description: di
     shutil.rmtree(partial, ignore_errors=True)
     camera_key = f"observation.images.{description['camera']}" if description.get("image_size") else None
     writer = lerobot_writer.Writer(partial, env.fps, camera_key, robot_type=description.get("suite", "unknown"))
+    if hasattr(env, "expert_demonstrations"):  # experts that plan whole episodes, in their own process
+        scratch = f"{partial}.experts"
+        shutil.rmtree(scratch, ignore_errors=True)
+        episodes, failed = env.expert_demonstrations(count, seed, scratch)
+        for episode in tqdm.tqdm(episodes, total=count, unit="demo", desc=f"demonstrations ({env.task})"):
+            writer.add(episode)
+        shutil.rmtree(scratch)
+    else:
+        failed = _record_per_step_expert(env, writer, count, seed)
+    writer.close()
+    stored = dict(request=record, expert_failed_seeds=failed, camera_key=camera_key)
+    with open(os.path.join(partial, GENERATION), "w") as f:
+        json.dump(stored, f, indent=2)
+    if os.path.isdir(root):
+        os.rmdir(root)  # empty (checked above)
+    os.replace(partial, root)
+    if failed:
+        logging.warning("%s: the expert failed from seeds %s (left out)", env.task, failed)
+    return stored
+
+
+def _record_per_step_expert(env: Environment, writer: lerobot_writer.Writer, count: int, seed: int) -> list[int]:
+    """Adds `count` successful episodes of env's per-step expert to `writer`, from reset seeds
+    seed, seed + 1, ...; returns the seeds it failed from."""
     kept, failed, next_seed = 0, [], seed
     with tqdm.tqdm(total=count, unit="demo", desc=f"demonstrations ({env.task})") as bar:
         while kept < count:
@@ -97,16 +121,7 @@ def generate(env: Environment, root: str, count: int, seed: int, description: di
             else:
                 failed.append(next_seed)
             next_seed += 1
-    writer.close()
-    stored = dict(request=record, expert_failed_seeds=failed, camera_key=camera_key)
-    with open(os.path.join(partial, GENERATION), "w") as f:
-        json.dump(stored, f, indent=2)
-    if os.path.isdir(root):
-        os.rmdir(root)  # empty (checked above)
-    os.replace(partial, root)
-    if failed:
-        logging.warning("%s: the expert failed from seeds %s (left out)", env.task, failed)
-    return stored
+    return failed
 
 
 def request(env: Environment, count: int, seed: int, description: dict) -> dict:

@@ -1,8 +1,10 @@
 """The one small interface a simulator offers the policy: reset to a seeded configuration,
 step with an action, say whether the task succeeded, and give a scripted expert's action.
 
-Suites are adapters behind it (Meta-World first: caip_jax/policy/metaworld_env.py), imported
-only when asked for, so that nothing here needs a simulator installed.
+Suites are adapters behind it (caip_jax/policy/metaworld_env.py, maniskill_env.py), imported
+only when asked for, so that nothing here needs a simulator installed. A suite whose experts
+plan whole episodes (ManiSkill's motion planners) offers `expert_demonstrations` instead of a
+per-step `expert_action`.
 """
 import dataclasses
 import importlib
@@ -10,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-SUITES = {"metaworld": "caip_jax.policy.metaworld_env"}
+SUITES = {"metaworld": "caip_jax.policy.metaworld_env", "maniskill": "caip_jax.policy.maniskill_env"}
 
 
 @dataclasses.dataclass
