@@ -8,6 +8,7 @@ encoders given unless --nobaselines.
 
   caip-policy-eval --encoder random --encoder workdirs/demo --out /tmp/eval     # the default suite
   caip-policy-eval --encoder /runs/l16 --tasks sweep-v3 --demos 10 --episodes 10 --out gs://bucket/eval
+  caip-policy-eval --suite maniskill --encoder /runs/l16 --out /tmp/eval_maniskill   # PushCube, LiftPegUpright, StackCube
   caip-policy-eval --encoder hf:/ckpt/dinov2-small --encoder /runs/l16 --lerobot /data/robot \\
       --video_key observation.images.head --out /tmp/offline
 
@@ -31,7 +32,7 @@ flags.DEFINE_string("cache_dir", None, "A local directory for the caches (demons
                     "rollouts), keyed exactly, so any runs can share it (default: --out if local, else "
                     "~/.cache/caip_jax/policy_eval).")
 flags.DEFINE_bool("baselines", True, "Judge `state` (the ceiling) and `blind` (no image) beside the encoders given.")
-flags.DEFINE_string("suite", "metaworld", "The simulator of the tasks.")
+flags.DEFINE_string("suite", "metaworld", "The simulator of the tasks: metaworld or maniskill.")
 flags.DEFINE_list("tasks", None, "Tasks of the suite, comma-separated (default: the suite's default suite; "
                   "Meta-World: sweep-v3, handle-pull-side-v3, dial-turn-v3, handle-pull-v3 and the control "
                   "button-press-v3).")
@@ -39,8 +40,8 @@ flags.DEFINE_integer("demos", 50, "Scripted-expert demonstrations per task.")
 flags.DEFINE_integer("episodes", 50, "Held-out rollouts per task and encoder.")
 flags.DEFINE_integer("seed", 0, "Seeds demonstrations (seed + i), rollouts (seed + 1000000 + j) and training.")
 flags.DEFINE_integer("image_size", 128, "Rendered camera frames are this many pixels square.")
-flags.DEFINE_string("camera", None, "The suite's camera (Meta-World default: corner).")
-flags.DEFINE_integer("max_steps", None, "Steps before an episode counts as failed (Meta-World default: 250).")
+flags.DEFINE_string("camera", None, "The suite's camera (Meta-World default: corner; ManiSkill: base_camera).")
+flags.DEFINE_integer("max_steps", None, "Steps before an episode counts as failed (Meta-World default: 250; ManiSkill: 200).")
 flags.DEFINE_bool("multitask", False, "One policy over all tasks, told apart by the instruction.")
 flags.DEFINE_integer("strips", 2, "Rollouts per task and encoder saved as GIF and PNG strip.")
 flags.DEFINE_multi_string("lerobot", None, "Offline mode: LeRobot datasets (v2.1 / v3.0) to judge by held-out action error.")
