@@ -263,7 +263,10 @@ def test_bad_input_stops_with_one_line(tmp_path):
         (["--encoder", missing], f"caip-policy-eval: encoder '{missing}' is neither a CAIP workdir"),
         (["--encoder", "state", "--tasks", "button-smash-v3"],
          "caip-policy-eval: metaworld task 'button-smash-v3' is unknown; valid: assembly-v3"),
-        (["--suite", "robosuite"], "caip-policy-eval: suite 'robosuite' is unknown; valid: metaworld"),
+        (["--suite", "robosuite"], "caip-policy-eval: suite 'robosuite' is unknown; valid: metaworld, maniskill"),
+        # Before any demonstration is made (a run once stopped here after 35 minutes of work).
+        (["--encoder", "random", "--tasks", "button-press-v3"],
+         "caip-policy-eval: encoder 'random' needs a CAIP config: give a CAIP workdir or export"),
         (["--encoder", "state", "--config.optim.lr=1e-3"],
          "FATAL Flags parsing error: config.optim.lr: config.optim has no field 'lr'; did you mean config.optim.learning_rate?"),
     ):
@@ -272,3 +275,4 @@ def test_bad_input_stops_with_one_line(tmp_path):
                               env=dict(os.environ, JAX_PLATFORMS="cpu"))
         assert done.returncode == 1 and "Traceback" not in done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-500:]
+        assert not os.path.exists(tmp_path / "demos")

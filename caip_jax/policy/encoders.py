@@ -282,6 +282,14 @@ def _where(path: str) -> str:
     return path if storage.is_remote(path) else os.path.abspath(path)
 
 
+def _reference(spec: str, reference: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+    """The CAIP config that the `random` or `siglip2:` encoder `spec` is made from."""
+    if reference is None:
+        raise ValueError(f"encoder {spec!r} needs a CAIP config: give a CAIP workdir or export as another "
+                         "--encoder, or --caip_config (e.g. configs/demo.py)")
+    return reference
+
+
 def identity(spec: str, kind: str, reference: ml_collections.ConfigDict | None, seed: int = 0) -> dict:
     """What the features of `spec`'s encoder depend on, exactly: the kind of spec, its absolute
     path, the contents of the files it is read from (an export, a Hugging Face directory,
@@ -293,7 +301,7 @@ def identity(spec: str, kind: str, reference: ml_collections.ConfigDict | None, 
     out = dict(kind=kind)
     if spec == "random" or spec.startswith("siglip2:"):
         out.update(encoder="random" if spec == "random" else "siglip2", seed=int(seed),
-                   reference=None if reference is None else _config_identity(reference))
+                   reference=_config_identity(_reference(spec, reference)))
         if spec != "random":
             path = spec.removeprefix("siglip2:")
             out.update(path=_where(path), sha256=caches.tree_digest(path))
@@ -320,10 +328,7 @@ def load(spec: str, kind: str, reference: ml_collections.ConfigDict | None, cach
         path = spec[3:]
         return HFVisionEncoder(f"hf:{_basename(path)}", path, kind)
     if spec == "random" or spec.startswith("siglip2:"):
-        if reference is None:
-            raise ValueError(f"encoder {spec!r} needs a CAIP config: give a CAIP workdir or export as another "
-                             "--encoder, or --caip_config")
-        return caip_initialised(reference, kind, siglip2=spec.removeprefix("siglip2:") if spec != "random" else "", seed=seed)
+        return caip_initialised(_reference(spec, reference), kind, siglip2=spec.removeprefix("siglip2:") if spec != "random" else "", seed=seed)
     if _is_caip_export(spec):
         return caip_from_export(spec, kind, cache)
     return caip_from_workdir(spec, kind, step)
