@@ -201,7 +201,7 @@ def test_features_are_standardised_so_their_scale_does_not_matter(tmp_path):
     states, actions = [rng.standard_normal((12, 2)) for _ in range(4)], [rng.standard_normal((12, 2)) for _ in range(4)]
     scale, shift = np.array([1e3, 1e-3, 1.0, 50.0, 2.0]), np.array([5.0, -1.0, 0.0, 300.0, 0.5])
     config = policy_config.policy_config("tiny")
-    config.total_steps, config.batch_size = 30, 16
+    config.total_steps, config.batch_size, config.model.depth = 30, 16, 1
     probe = rng.standard_normal((6, 3, 5))
     acted = []
     for name, transform in (("raw", lambda f: f), ("affine", lambda f: f * scale + shift)):

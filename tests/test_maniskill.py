@@ -6,6 +6,7 @@ import json
 import importlib.util
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -132,14 +133,18 @@ def test_policy_evaluation_on_maniskill_end_to_end(tmp_path):
 
 
 @needs_vulkan
-def test_a_missing_experts_venv_is_named_with_its_fix(tmp_path, monkeypatch):
+def test_a_missing_or_wrong_experts_venv_is_named(tmp_path, monkeypatch):
+    """Missing: the fix is named. The wrong one (here the main venv's python, numpy 2): its one line."""
     from caip_jax.policy import demonstrations
 
-    monkeypatch.setattr(maniskill_env, "EXPERTS_PYTHON", str(tmp_path / "nowhere" / "python"))
     env = maniskill_env.make(TASK, image_size=None)
     try:
-        with pytest.raises(FileNotFoundError, match=r"experts' venv is missing .*nowhere.*run scripts/setup_maniskill.sh"):
-            demonstrations.generate(env, str(tmp_path / "demos"), 1, 0, dict(suite="maniskill", task=TASK, image_size=None))
+        for python, error, message in (
+                (tmp_path / "nowhere" / "python", FileNotFoundError, r"experts' venv is missing .*nowhere.*run scripts/setup_maniskill.sh"),
+                (sys.executable, RuntimeError, rf"the {TASK} experts failed .*: maniskill_experts: numpy \S+: the experts' planner")):
+            monkeypatch.setattr(maniskill_env, "EXPERTS_PYTHON", str(python))
+            with pytest.raises(error, match=message):
+                demonstrations.generate(env, str(tmp_path / "demos"), 1, 0, dict(suite="maniskill", task=TASK, image_size=None))
+            assert not os.path.exists(tmp_path / "demos")  # nothing reported as made
     finally:
         env.close()
-    assert not os.path.exists(tmp_path / "demos")  # nothing reported as made

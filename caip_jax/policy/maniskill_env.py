@@ -35,6 +35,7 @@ process, one without a frame 3-5 ms.
 """
 import glob
 import json
+import logging
 import os
 import subprocess
 import warnings
@@ -170,10 +171,13 @@ class ManiSkillTask:
                    "--seed", str(seed), "--out", scratch, "--image_size", str(self.image_size or 0),
                    "--max_steps", str(self.max_steps)] + (["--camera", self.camera] if self.camera else [])
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        done = subprocess.run(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if done.returncode != 0:
-            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
-            raise RuntimeError(f"the {self.task} experts failed ({' '.join(command)}): {last}")
+        last = ""
+        with subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as experts:
+            for line in experts.stderr:  # their progress, a line an episode
+                logging.info("experts: %s", line.rstrip())
+                last = line.strip() or last
+        if experts.returncode != 0:
+            raise RuntimeError(f"the {self.task} experts failed ({' '.join(command)}): {last or f'exit status {experts.returncode}'}")
         with open(os.path.join(scratch, "done.json")) as f:
             failed = json.load(f)["failed_seeds"]
 
