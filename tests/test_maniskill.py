@@ -148,3 +148,14 @@ def test_a_missing_or_wrong_experts_venv_is_named(tmp_path, monkeypatch):
             assert not os.path.exists(tmp_path / "demos")  # nothing reported as made
     finally:
         env.close()
+
+
+def test_a_missing_vulkan_driver_is_one_line_naming_the_fix(tmp_path):
+    """SAPIEN needs a Vulkan device even without images: a driver file that is not there (as on a
+    machine without backports' lavapipe) is one line naming the setup script."""
+    program = "from caip_jax.policy import maniskill_env; maniskill_env.make('PushCube-v1', image_size=None)"
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, VK_ICD_FILENAMES=str(tmp_path / "no_icd.json")))
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: SAPIEN found no usable Vulkan device") and "scripts/setup_maniskill.sh" in last, done.stderr[-2000:]
