@@ -30,6 +30,11 @@ os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="hf_modules_")
 os.environ["CAIP_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="caip_xla_cache_")
 for scratch in (os.environ["HF_MODULES_CACHE"], os.environ["CAIP_TEST_COMPILATION_CACHE"]):
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+# The worker's own programs too: a test that builds what an earlier one built (a policy trained
+# again, an encoder's forward pass) loads it.
+from caip_jax import xla_cache  # noqa: E402  (after the XLA flags above)
+
+xla_cache.use(os.environ["CAIP_TEST_COMPILATION_CACHE"])
 
 
 @pytest.fixture(scope="module")
