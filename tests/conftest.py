@@ -37,6 +37,18 @@ from caip_jax import xla_cache  # noqa: E402  (after the XLA flags above)
 xla_cache.use(os.environ["CAIP_TEST_COMPILATION_CACHE"])
 
 
+@pytest.fixture(autouse=True)
+def worker_compilation_cache():
+    """A test that trains in this process with a config's own cache (the default's
+    {workdir}/compilation_cache) leaves JAX writing there: the tests after it go back to the
+    worker's, or they compile again what it holds."""
+    yield
+    import jax
+
+    if jax.config.jax_compilation_cache_dir != os.environ["CAIP_TEST_COMPILATION_CACHE"]:
+        xla_cache.use(os.environ["CAIP_TEST_COMPILATION_CACHE"])
+
+
 @pytest.fixture(scope="module")
 def record_set(tmp_path_factory):
     """A record set of 6 npz episodes (18 samples) and a sentencepiece model for its texts."""
