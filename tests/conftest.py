@@ -32,7 +32,8 @@ for scratch in (os.environ["HF_MODULES_CACHE"], os.environ["CAIP_TEST_COMPILATIO
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
 # The worker's own programs too: a test that builds what an earlier one built (a policy trained
 # again, an encoder's forward pass) loads it.
-from caip_jax import xla_cache  # noqa: E402  (after the XLA flags above)
+import jax  # noqa: E402  (after the XLA flags above)
+from caip_jax import xla_cache  # noqa: E402
 
 xla_cache.use(os.environ["CAIP_TEST_COMPILATION_CACHE"])
 
@@ -43,8 +44,6 @@ def worker_compilation_cache():
     {workdir}/compilation_cache) leaves JAX writing there: the tests after it go back to the
     worker's, or they compile again what it holds."""
     yield
-    import jax
-
     if jax.config.jax_compilation_cache_dir != os.environ["CAIP_TEST_COMPILATION_CACHE"]:
         xla_cache.use(os.environ["CAIP_TEST_COMPILATION_CACHE"])
 
